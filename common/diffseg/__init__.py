@@ -1,0 +1,42 @@
+"""diffseg — the shared diffusion core of MONAI DiffSeg.
+
+One concept per module: ``schedules`` (noise schedules in MONAI's registry), ``respacing`` (ᾱ-subsampling),
+``scheduler``/``ddpm``/``ddim`` (samplers), ``sampling`` (the reverse loop), ``codecs`` (mask ↔ {-1,+1}),
+``denoiser`` (the conditioning interface), ``recycling`` and ``training`` (training steps for MONAI's
+``SupervisedTrainer``), ``losses``, ``segmenter`` (image → scores with the sampler inside), ``ensembles``,
+``uncertainty``, ``metrics``, and ``data`` (the real-data fetcher).
+"""
+
+from __future__ import annotations
+
+from diffseg import schedules  # noqa: F401  registers the schedules in MONAI's NoiseSchedules
+from diffseg.codecs import BinaryCodec, MaskCodec, OneHotCodec
+from diffseg.ddim import DDIMSampler
+from diffseg.ddpm import DDPMSampler
+from diffseg.denoiser import ConcatDenoiser, ConditionalDenoiser
+from diffseg.losses import DiffusionSegLoss, ForegroundDiceLoss
+from diffseg.respacing import respace, spaced_timesteps
+from diffseg.scheduler import DiffusionScheduler, StepOutput
+from diffseg.segmenter import DiffusionSegmenter
+from diffseg.training import DiffusionSegPrepareBatch, GradientClipping
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BinaryCodec",
+    "ConcatDenoiser",
+    "ConditionalDenoiser",
+    "DDIMSampler",
+    "DDPMSampler",
+    "DiffusionScheduler",
+    "DiffusionSegLoss",
+    "DiffusionSegPrepareBatch",
+    "DiffusionSegmenter",
+    "ForegroundDiceLoss",
+    "GradientClipping",
+    "MaskCodec",
+    "OneHotCodec",
+    "StepOutput",
+    "respace",
+    "spaced_timesteps",
+]

@@ -1,0 +1,127 @@
+"""Training glue for MONAI's ``SupervisedTrainer``: the batch preparation of segmentation diffusion (plain or
+recycling) and gradient-norm clipping as an engine handler.
+
+Wiring (see the bundles' ``train.json``)::
+
+    SupervisedTrainer(network=denoiser, inferer=SimpleInferer(),
+                      prepare_batch=DiffusionSegPrepareBatch(scheduler, codec, network=denoiser, recycling=True),
+                      loss_function=DiffusionSegLoss(codec, scheduler), ...)
+
+MONAI's ``SupervisedTrainer._iteration`` then calls ``denoiser(x_t, timesteps=t, image=image)`` and
+``loss(pred, target)``; amp, gradient accumulation and events stay MONAI's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+from monai.engines import DiffusionPrepareBatch
+from monai.engines.utils import IterationEvents
+from monai.utils import min_version, optional_import
+
+from diffseg.codecs import MaskCodec
+from diffseg.recycling import recycled_x0, recycling_timesteps
+from diffseg.scheduler import DiffusionScheduler
+
+Engine, _ = optional_import("ignite.engine", "0.4.11", min_version, "Engine")
+
+__all__ = ["DiffusionSegPrepareBatch", "GradientClipping"]
+
+
+class DiffusionSegPrepareBatch(DiffusionPrepareBatch):
+    """Noises the *mask* (not the image) and passes the image as condition; optionally recycles (paper 000).
+
+    For a batch ``{"image": (B, C_img, *S), "label": (B, 1, *S)}`` it returns
+    ``(x_t, target, (), {"timesteps": t, "image": image})`` where ``target`` holds ``label`` (one-hot, 0/1),
+    ``x0``, ``noise``, ``x_t`` and ``timesteps`` for :class:`diffseg.losses.DiffusionSegLoss`.
+
+    Args:
+        scheduler: the training chain (t ~ Uniform{0..T-1}).
+        codec: label map ↔ x-space.
+        network: the denoiser; required for recycling (its first pass runs here, without gradient).
+        recycling: build x_t from the network's own stop-gradient prediction at t' instead of the ground truth.
+        recycling_mode: ``"next"`` (t' = min(t+1, T-1), v0.1.0 / the paper) or ``"max"`` (t' = T-1, HEAD; t is then
+            drawn from {0..T-2}).
+        logits_output: the network outputs mask logits (x0-parameterisation through softmax).
+        image_key, label_key: keys of the batch dictionary.
+    """
+
+    def __init__(
+        self,
+        scheduler: DiffusionScheduler,
+        codec: MaskCodec,
+        network: nn.Module | None = None,
+        recycling: bool = False,
+        recycling_mode: str = "next",
+        logits_output: bool = True,
+        image_key: str = "image",
+        label_key: str = "label",
+    ) -> None:
+        super().__init__(scheduler.num_train_timesteps, condition_name=image_key)
+        if recycling and network is None:
+            raise ValueError("recycling=True needs the network for its first (no-gradient) pass")
+        recycling_timesteps(torch.zeros(1, dtype=torch.long), scheduler.num_train_timesteps, recycling_mode)  # validate
+        self.scheduler, self.codec, self.network = scheduler, codec, network
+        self.recycling, self.recycling_mode, self.logits_output = recycling, recycling_mode, logits_output
+        self.image_key, self.label_key = image_key, label_key
+
+    def get_timesteps(self, images: torch.Tensor) -> torch.Tensor:
+        high = self.num_train_timesteps
+        if self.recycling and self.recycling_mode == "max" and high > 1:
+            high -= 1  # xT-recycling trains t in [0, T-1)
+        return torch.randint(0, high, (images.shape[0],), device=images.device).long()
+
+    def __call__(
+        self,
+        batchdata: Mapping[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple, dict[str, torch.Tensor]]:
+        for key in (self.image_key, self.label_key):
+            if key not in batchdata:
+                raise KeyError(f"batch has no {key!r} entry (keys: {sorted(batchdata)})")
+        image = batchdata[self.image_key].to(device, non_blocking=non_blocking, **kwargs)
+        label = batchdata[self.label_key].to(device, non_blocking=non_blocking, **kwargs)
+        x0 = self.codec.encode(label).to(image.dtype)
+        noise = self.get_noise(x0)
+        timesteps = self.get_timesteps(x0)
+        clean = x0
+        if self.recycling:
+            clean = recycled_x0(
+                self.network, image, x0, timesteps, self.scheduler, self.codec, self.logits_output, self.recycling_mode
+            )
+        x_t = self.scheduler.add_noise(clean, noise, timesteps)
+        target = {
+            "label": self.codec.onehot(label).to(image.dtype),
+            "x0": x0,
+            "noise": noise,
+            "x_t": x_t,
+            "timesteps": timesteps,
+        }
+        return x_t, target, (), {"timesteps": timesteps, "image": image}
+
+
+class GradientClipping:
+    """Clips the global gradient norm after every backward pass (``IterationEvents.BACKWARD_COMPLETED``), before
+    the optimizer step. Attach like any MONAI handler (``train#handlers``).
+
+    Args:
+        max_norm: maximum L2 norm of all gradients (paper 000: 1.0).
+    """
+
+    def __init__(self, max_norm: float = 1.0) -> None:
+        if max_norm <= 0:
+            raise ValueError(f"max_norm={max_norm} must be > 0")
+        self.max_norm = max_norm
+        self.last_norm: float | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        norm = torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm)
+        self.last_norm = float(norm)
