@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from diffseg.scheduler import DiffusionScheduler, PredictionType, StepOutput
+from diffseg.scheduler import DiffusionScheduler, StepOutput
 
 __all__ = ["DDIMSampler"]
 
@@ -18,32 +18,17 @@ class DDIMSampler(DiffusionScheduler):
 
     Args:
         eta: σ_t = eta·√((1-ᾱ_prev)/(1-ᾱ_t)·(1-ᾱ_t/ᾱ_prev)).
-        other args: see :class:`diffseg.scheduler.DiffusionScheduler`.
+        kwargs: ``prediction_type``, ``clip_sample``, schedule arguments… of
+            :class:`diffseg.scheduler.DiffusionScheduler`.
     """
 
     def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        schedule: str = "linear_beta_f64",
-        prediction_type: str = PredictionType.EPSILON,
-        eta: float = 0.0,
-        clip_sample: bool = False,
-        clip_sample_min: float = -1.0,
-        clip_sample_max: float = 1.0,
-        **schedule_args,
+        self, num_train_timesteps: int = 1000, schedule: str = "linear_beta_f64", eta: float = 0.0, **kwargs
     ) -> None:
         if eta < 0:
             raise ValueError(f"eta={eta} must be >= 0 (0: deterministic DDIM, 1: DDPM-like)")
         self.eta = eta
-        super().__init__(
-            num_train_timesteps,
-            schedule,
-            prediction_type,
-            clip_sample,
-            clip_sample_min,
-            clip_sample_max,
-            **schedule_args,
-        )
+        super().__init__(num_train_timesteps, schedule, **kwargs)
 
     def step(
         self,

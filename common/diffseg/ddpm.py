@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from monai.networks.schedulers.ddpm import DDPMVarianceType
 
-from diffseg.scheduler import DiffusionScheduler, PredictionType, StepOutput
+from diffseg.scheduler import DiffusionScheduler, StepOutput
 
 __all__ = ["DDPMSampler", "VarianceType"]
 
@@ -21,7 +21,8 @@ class DDPMSampler(DiffusionScheduler):
     Args:
         variance_type: ``"fixed_small"`` (posterior variance β̃) or ``"fixed_large"`` (β' of the respaced chain, as
             improved-diffusion's ``[β̃_1, β_1:]`` at every step that adds noise).
-        other args: see :class:`diffseg.scheduler.DiffusionScheduler`.
+        kwargs: ``prediction_type``, ``clip_sample``, schedule arguments… of
+            :class:`diffseg.scheduler.DiffusionScheduler`.
     """
 
     def __init__(
@@ -29,24 +30,12 @@ class DDPMSampler(DiffusionScheduler):
         num_train_timesteps: int = 1000,
         schedule: str = "linear_beta_f64",
         variance_type: str = VarianceType.FIXED_LARGE,
-        prediction_type: str = PredictionType.EPSILON,
-        clip_sample: bool = False,
-        clip_sample_min: float = -1.0,
-        clip_sample_max: float = 1.0,
-        **schedule_args,
+        **kwargs,
     ) -> None:
         if variance_type not in (VarianceType.FIXED_SMALL, VarianceType.FIXED_LARGE):
             raise ValueError(f"variance_type={variance_type!r}; expected one of ['fixed_large', 'fixed_small']")
         self.variance_type = variance_type
-        super().__init__(
-            num_train_timesteps,
-            schedule,
-            prediction_type,
-            clip_sample,
-            clip_sample_min,
-            clip_sample_max,
-            **schedule_args,
-        )
+        super().__init__(num_train_timesteps, schedule, **kwargs)
 
     def variances(self) -> torch.Tensor:
         """Per-step variances of the current chain, shape ``(K,)`` in ascending timestep order (float64).

@@ -44,32 +44,24 @@ CONFIG = {
     },
 }
 
+
+def _tensor_format(fmt: str, channels: int, channel_def: dict[str, str]) -> dict:
+    return {
+        "type": "image",
+        "format": fmt,
+        "num_channels": channels,
+        "spatial_shape": [16, 16, 8],
+        "dtype": "float32",
+        "value_range": [0, 1],
+        "is_patch_data": True,
+        "channel_def": channel_def,
+    }
+
+
 META = {
     "network_data_format": {
-        "inputs": {
-            "image": {
-                "type": "image",
-                "format": "hounsfield",
-                "num_channels": 1,
-                "spatial_shape": [16, 16, 8],
-                "dtype": "float32",
-                "value_range": [0, 1],
-                "is_patch_data": True,
-                "channel_def": {"0": "image"},
-            }
-        },
-        "outputs": {
-            "pred": {
-                "type": "image",
-                "format": "segmentation",
-                "num_channels": 3,
-                "spatial_shape": [16, 16, 8],
-                "dtype": "float32",
-                "value_range": [0, 1],
-                "is_patch_data": True,
-                "channel_def": {"0": "background", "1": "organ a", "2": "organ b"},
-            }
-        },
+        "inputs": {"image": _tensor_format("hounsfield", 1, {"0": "image"})},
+        "outputs": {"pred": _tensor_format("segmentation", 3, {"0": "background", "1": "organ a", "2": "organ b"})},
     }
 }
 
