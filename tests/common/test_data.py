@@ -20,7 +20,6 @@ import pytest
 from diffseg import data
 from diffseg.data import ChecksumError, FetchError, Source
 
-REPO = Path(__file__).resolve().parents[2]
 
 # A fake map_to_binary.py: fetching must read class_map with ast and never execute the file.
 MAP_TO_BINARY = b"""
@@ -344,44 +343,6 @@ def test_data_path(tmp_path: Path) -> None:
         data.data_path("../etc/passwd", cache=tmp_path)
     with pytest.raises(FileNotFoundError, match="fetch_data.py"):
         data.totalseg_class_map(cache=tmp_path)
-
-
-# ------------------------------------------------------------------------------------------------------ CLI
-def _cli(*args: str, cache: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, data.ENV_VAR: str(cache)}
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "fetch_data.py"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cache.parent,  # any working directory
-        timeout=120,
-        check=False,
-    )
-
-
-def test_cli_list(tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
-    (cache / "stardist").mkdir(parents=True)
-    (cache / "stardist" / "img2d.tif").write_bytes(b"not the real file")
-    result = _cli("--list", cache=cache)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert lines[0] == f"data cache: {cache}"
-    for source in data.SOURCES.values():
-        row = next(line for line in lines if line.startswith(source.name + " "))
-        assert source.spec in row and row.endswith("missing")
-    assert not (cache / "totalsegmentator").exists()  # --list downloads nothing
-
-
-def test_cli_error_exits_nonzero_without_traceback(tmp_path: Path) -> None:
-    result = _cli("--sources", "nope", cache=tmp_path / "cache")
-    assert result.returncode == 2
-    assert "unknown data source" in result.stderr and "Traceback" not in result.stderr + result.stdout
-
-
-def test_scripts_is_not_a_package() -> None:
-    assert not (REPO / "scripts" / "__init__.py").exists()
 
 
 # ---------------------------------------------------------------------------------------------- real data
