@@ -20,7 +20,6 @@ import pytest
 from diffseg import data
 from diffseg.data import ChecksumError, FetchError, Source
 
-
 # A fake map_to_binary.py: fetching must read class_map with ast and never execute the file.
 MAP_TO_BINARY = b"""
 import os
