@@ -54,10 +54,12 @@ class DDPMSampler(DiffusionScheduler):
 
     def step_variance(self, timestep: int) -> float:
         """Variance of the noise added when leaving ``timestep`` (0 at the last listed step)."""
-        if self.previous_timestep(timestep) < 0:
+        prev = self.previous_timestep(timestep)
+        if prev < 0:
             return 0.0
-        ascending = self.timesteps.flip(0).tolist()
-        return float(self.variances()[ascending.index(timestep)])
+        if self.variance_type == VarianceType.FIXED_SMALL:
+            return max(self.posterior_coefficients(timestep)[2], 1e-20)
+        return 1.0 - float(self.alphas_cumprod64[timestep] / self.alphas_cumprod64[prev])
 
     def step(
         self,

@@ -67,12 +67,16 @@ class DiffusionScheduler(Scheduler):
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Choose ``num_inference_steps`` timesteps by ᾱ-subsampling; ``self.timesteps`` is descending.
 
+        Also tabulates each listed timestep's successor, so a step costs O(1) however long the chain.
+
         Raises:
             ValueError: if ``num_inference_steps`` is not in ``[1, num_train_timesteps]``.
         """
         steps = spaced_timesteps(self.num_train_timesteps, num_inference_steps)
         self.num_inference_steps = num_inference_steps
         self.timesteps = steps.flip(0).to(device)
+        listed = self.timesteps.tolist()
+        self._next_timestep = dict(zip(listed, listed[1:] + [-1], strict=True))
 
     def previous_timestep(self, timestep: int) -> int:
         """The timestep after ``timestep`` in ``self.timesteps`` (the next one the chain visits), or -1 at the end.
@@ -80,11 +84,10 @@ class DiffusionScheduler(Scheduler):
         Raises:
             ValueError: if ``timestep`` is not one of ``self.timesteps``.
         """
-        listed = self.timesteps.tolist()
-        if timestep not in listed:
+        if timestep not in self._next_timestep:
+            listed = self.timesteps.tolist()
             raise ValueError(f"timestep {timestep} is not in the scheduler's timesteps {listed}; call set_timesteps")
-        pos = listed.index(timestep)
-        return listed[pos + 1] if pos + 1 < len(listed) else -1
+        return self._next_timestep[timestep]
 
     def alpha_prod_pair(self, timestep: int) -> tuple[float, float]:
         """(ᾱ_t, ᾱ_prev) as Python floats in float64 precision; ᾱ_prev = 1 after the last listed step."""
