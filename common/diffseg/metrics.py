@@ -26,6 +26,7 @@ __all__ = [
     "CALIBRATION_MODES",
     "ReliabilityData",
     "StabilityResult",
+    "classwise_calibration_error",
     "dice_per_class",
     "expected_calibration_error",
     "hd95_per_class",
@@ -90,6 +91,14 @@ def expected_calibration_error(
     scores, outcomes = _calibration_inputs(probs, gt, mode)
     metric = CalibrationErrorMetric(num_bins=num_bins, metric_reduction="none", right=True)
     return metric(y_pred=scores, y=outcomes).reshape(-1)
+
+
+def classwise_calibration_error(probs: torch.Tensor, gt: torch.Tensor, num_bins: int = 10) -> torch.Tensor:
+    """ECE per image and foreground class for multiclass probabilities (B, C, *S) and a label map (B, 1, *S):
+    each class's p_c against its one-hot indicator, ``num_bins`` right-closed bins → (B, C-1)."""
+    onehot = _onehot(gt, probs.shape[1]).to(probs.dtype)
+    metric = CalibrationErrorMetric(num_bins=num_bins, include_background=False, metric_reduction="none", right=True)
+    return metric(y_pred=probs, y=onehot)
 
 
 class ReliabilityData(NamedTuple):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from diffseg.metrics import (
+    classwise_calibration_error,
     dice_per_class,
     expected_calibration_error,
     hd95_per_class,
@@ -45,6 +46,15 @@ def test_perfect_calibration_is_zero():
     probs = _binary([0.0, 1.0, 1.0, 0.0])
     gt = torch.tensor([0, 1, 1, 0]).reshape(1, 1, 4)
     assert expected_calibration_error(probs, gt).item() == pytest.approx(0.0)
+
+
+def test_classwise_ece_per_foreground_class():
+    # 3 classes, 2 voxels; class 1: p = (0.8, 0.3) vs y = (1, 0) → (0.2 + 0.3)/2; class 2: p = (0.1, 0.6) vs (0, 1)
+    probs = torch.tensor([[0.1, 0.1], [0.8, 0.3], [0.1, 0.6]]).reshape(1, 3, 2)
+    gt = torch.tensor([1, 2]).reshape(1, 1, 2)
+    ece = classwise_calibration_error(probs, gt)
+    assert ece.shape == (1, 2)
+    assert ece[0].tolist() == pytest.approx([0.25, 0.25], abs=1e-6)
 
 
 def test_ece_needs_binary_probs():
