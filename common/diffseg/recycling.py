@@ -13,18 +13,23 @@ import torch.nn as nn
 from diffseg.codecs import MaskCodec
 from diffseg.scheduler import DiffusionScheduler
 
-__all__ = ["RECYCLING_MODES", "output_to_x0", "recycled_x0", "recycling_timesteps"]
+__all__ = ["RECYCLING_MODES", "check_recycling_mode", "output_to_x0", "recycled_x0", "recycling_timesteps"]
 
 RECYCLING_MODES = ("next", "max")  # v0.1.0: t' = min(t+1, T-1); HEAD ("xT-recycling"): t' = T-1
 
 
+def check_recycling_mode(mode: str) -> str:
+    """``mode`` if it is one of ``RECYCLING_MODES``, else a ValueError naming the choices."""
+    if mode not in RECYCLING_MODES:
+        raise ValueError(f"recycling mode={mode!r}; expected one of {list(RECYCLING_MODES)}")
+    return mode
+
+
 def recycling_timesteps(timesteps: torch.Tensor, num_train_timesteps: int, mode: str = "next") -> torch.Tensor:
     """t' of the first pass for each sample's t (B,): ``min(t+1, T-1)`` (``"next"``) or ``T-1`` (``"max"``)."""
-    if mode == "next":
+    if check_recycling_mode(mode) == "next":
         return torch.clamp(timesteps + 1, max=num_train_timesteps - 1)
-    if mode == "max":
-        return torch.full_like(timesteps, num_train_timesteps - 1)
-    raise ValueError(f"recycling mode={mode!r}; expected one of {list(RECYCLING_MODES)}")
+    return torch.full_like(timesteps, num_train_timesteps - 1)
 
 
 def output_to_x0(

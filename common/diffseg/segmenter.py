@@ -20,7 +20,7 @@ from diffseg.sampling import sample
 from diffseg.scheduler import DiffusionScheduler, PredictionType
 from diffseg.uncertainty import Uncertainty, uncertainty
 
-__all__ = ["DiffusionSegmenter", "SegmenterOutput", "repeat_batch"]
+__all__ = ["DiffusionSegmenter", "SegmenterOutput", "map_tensors", "repeat_batch"]
 
 
 class SegmenterOutput(NamedTuple):
@@ -29,26 +29,20 @@ class SegmenterOutput(NamedTuple):
     samples: torch.Tensor  # (B, N, C, *S) per-sample probabilities
 
 
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply ``fn`` to every tensor in a (nested) tuple/list/dict structure; other leaves are kept."""
+    if torch.is_tensor(obj):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_tensors(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
 def repeat_batch(obj: Any, n: int) -> Any:
     """Repeat every tensor in a (nested) structure ``n`` times along the batch: (B, …) → (B·n, …), b-major."""
-    if torch.is_tensor(obj):
-        return obj.repeat_interleave(n, dim=0)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(repeat_batch(o, n) for o in obj)
-    if isinstance(obj, dict):
-        return {k: repeat_batch(v, n) for k, v in obj.items()}
-    return obj
-
-
-def slice_batch(obj: Any, start: int, stop: int) -> Any:
-    """Rows ``start:stop`` of every tensor in a (nested) structure."""
-    if torch.is_tensor(obj):
-        return obj[start:stop]
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(slice_batch(o, start, stop) for o in obj)
-    if isinstance(obj, dict):
-        return {k: slice_batch(v, start, stop) for k, v in obj.items()}
-    return obj
+    return map_tensors(obj, lambda t: t.repeat_interleave(n, dim=0))
 
 
 class DiffusionSegmenter(nn.Module):
@@ -147,7 +141,7 @@ class DiffusionSegmenter(nn.Module):
             [
                 sample(
                     self.denoiser,
-                    slice_batch(features, i, i + chunk),
+                    map_tensors(features, lambda t, i=i: t[i : i + chunk]),
                     self.scheduler,
                     noise[i : i + chunk],
                     generator=generator,

@@ -23,7 +23,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils import min_version, optional_import
 
 from diffseg.codecs import MaskCodec
-from diffseg.recycling import recycled_x0, recycling_timesteps
+from diffseg.recycling import check_recycling_mode, recycled_x0
 from diffseg.scheduler import DiffusionScheduler
 
 Engine, _ = optional_import("ignite.engine", "0.4.11", min_version, "Engine")
@@ -63,7 +63,7 @@ class DiffusionSegPrepareBatch(DiffusionPrepareBatch):
         super().__init__(scheduler.num_train_timesteps, condition_name=image_key)
         if recycling and network is None:
             raise ValueError("recycling=True needs the network for its first (no-gradient) pass")
-        recycling_timesteps(torch.zeros(1, dtype=torch.long), scheduler.num_train_timesteps, recycling_mode)  # validate
+        check_recycling_mode(recycling_mode)
         self.scheduler, self.codec, self.network = scheduler, codec, network
         self.recycling, self.recycling_mode, self.logits_output = recycling, recycling_mode, logits_output
         self.image_key, self.label_key = image_key, label_key
