@@ -3,8 +3,9 @@
 One concept per module: ``schedules`` (noise schedules in MONAI's registry), ``respacing`` (ᾱ-subsampling),
 ``scheduler``/``ddpm``/``ddim`` (samplers), ``sampling`` (the reverse loop), ``codecs`` (mask ↔ {-1,+1}),
 ``denoiser`` (the conditioning interface), ``recycling`` and ``training`` (training steps for MONAI's
-``SupervisedTrainer``), ``losses``, ``segmenter`` (image → scores with the sampler inside), ``ensembles``,
-``uncertainty``, ``metrics``, and ``data`` (the real-data fetcher).
+``SupervisedTrainer``), ``losses``, ``segmenter`` (image → scores with the sampler inside), ``sliding``
+(window-consistent sampling), ``transforms`` (uncertainty maps in post-processing), ``ensembles``, ``uncertainty``,
+``metrics``, and ``data`` (the real-data fetcher).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from diffseg.losses import DiffusionSegLoss, ForegroundDiceLoss
 from diffseg.respacing import respace, spaced_timesteps
 from diffseg.scheduler import DiffusionScheduler, StepOutput
 from diffseg.segmenter import DiffusionSegmenter
+from diffseg.sliding import WindowConsistentInferer
 from diffseg.training import DiffusionSegPrepareBatch, GradientClipping
+from diffseg.transforms import SegmenterUncertaintyd
 
 __version__ = "0.1.0"
 
@@ -36,7 +39,9 @@ __all__ = [
     "GradientClipping",
     "MaskCodec",
     "OneHotCodec",
+    "SegmenterUncertaintyd",
     "StepOutput",
+    "WindowConsistentInferer",
     "respace",
     "spaced_timesteps",
 ]

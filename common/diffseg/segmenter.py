@@ -122,11 +122,16 @@ class DiffusionSegmenter(nn.Module):
             raise ValueError(f"spatial shape {tuple(image.shape[2:])} must be divisible by latent_downsample={factor}")
         return image
 
-    def predict(self, image: torch.Tensor) -> SegmenterOutput:
-        """Scores, uncertainty and per-sample probabilities for ``image`` (B, C_img, *S)."""
+    def predict(self, image: torch.Tensor, denoiser: ConditionalDenoiser | None = None) -> SegmenterOutput:
+        """Scores, uncertainty and per-sample probabilities for ``image`` (B, C_img, *S).
+
+        ``denoiser`` replaces ``self.denoiser`` for this call (e.g. :class:`diffseg.sliding.WindowedDenoiser`, which
+        evaluates the same network window by window).
+        """
         image = self._check_image(image)
         b, n = image.shape[0], self.num_samples
-        features = repeat_batch(self.denoiser.encode_condition(image), n)  # once per image, shared by N and steps
+        denoiser = self.denoiser if denoiser is None else denoiser
+        features = repeat_batch(denoiser.encode_condition(image), n)  # once per image, shared by N and steps
         generator = None
         if self.seed is not None:
             generator = torch.Generator(device=image.device).manual_seed(int(self.seed))
@@ -140,7 +145,7 @@ class DiffusionSegmenter(nn.Module):
         x0 = torch.cat(
             [
                 sample(
-                    self.denoiser,
+                    denoiser,
                     map_tensors(features, lambda t, i=i: t[i : i + chunk]),
                     self.scheduler,
                     noise[i : i + chunk],

@@ -1,0 +1,166 @@
+"""Window-consistent sampling: one reverse chain for a whole image, evaluated window by window.
+
+MONAI's ``SlidingWindowInferer`` around a :class:`~diffseg.segmenter.DiffusionSegmenter` runs a *separate* chain in
+every window (as Diff-UNet does): overlapping windows start from different noise and disagree where they meet.
+:class:`WindowConsistentInferer` instead keeps one x_t for the whole image. At every reverse step each window's
+denoiser output is computed, the outputs are blended with MONAI's ``sliding_window_inference`` (gaussian weights by
+default), and one scheduler step updates x_t everywhere, so windows can never disagree. For a network whose output at a
+voxel depends only on that voxel, the result equals the same sampler run on the whole image at once.
+
+Raw denoiser outputs are blended (mask logits for x0-prediction, ε for ε-prediction), as MONAI bundles blend logits
+before the softmax. The image conditioning (``encode_condition``) of each window is computed once per image and
+reused for all steps; the N ensemble members of a window run as one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from monai.inferers import Inferer, sliding_window_inference
+from monai.utils import BlendMode, PytorchPadMode, convert_to_tensor
+
+from diffseg.denoiser import ConditionalDenoiser
+from diffseg.segmenter import DiffusionSegmenter, repeat_batch
+
+__all__ = ["WindowConsistentInferer", "WindowedDenoiser"]
+
+
+@dataclass
+class _WindowContext:
+    """The whole image (B, C_img, *S) and the per-window conditioning cache, keyed by window coordinates."""
+
+    image: torch.Tensor
+    cache: dict[Any, Any] = field(default_factory=dict)
+
+
+def _window_key(coords: Sequence[Sequence[slice]]) -> tuple:
+    return tuple(tuple((s.start, s.stop) for s in window) for window in coords)
+
+
+class WindowedDenoiser(ConditionalDenoiser):
+    """Evaluates ``denoiser`` on overlapping windows of the whole x_t and blends the outputs.
+
+    ``encode_condition(image)`` only records the image; ``denoise(x_t (B·N, C, *S), t, ctx)`` runs
+    ``sliding_window_inference`` over ``[image, x_t of the N members]`` and returns the blended output
+    (B·N, C_out, *S). Arguments as in :class:`WindowConsistentInferer`.
+    """
+
+    def __init__(
+        self,
+        denoiser: ConditionalDenoiser,
+        roi_size: Sequence[int] | int,
+        sw_batch_size: int = 1,
+        overlap: Sequence[float] | float = 0.25,
+        mode: BlendMode | str = BlendMode.GAUSSIAN,
+        sigma_scale: Sequence[float] | float = 0.125,
+        padding_mode: PytorchPadMode | str = PytorchPadMode.CONSTANT,
+        cache_condition: bool = True,
+        progress: bool = False,
+    ) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+        self.roi_size = roi_size
+        self.sw_batch_size = sw_batch_size
+        self.overlap = overlap
+        self.mode = mode
+        self.sigma_scale = sigma_scale
+        self.padding_mode = padding_mode
+        self.cache_condition = cache_condition
+        self.progress = progress
+
+    def encode_condition(self, image: torch.Tensor) -> _WindowContext:
+        return _WindowContext(image)
+
+    def _features(self, image_windows: torch.Tensor, coords: Sequence[Sequence[slice]], ctx: _WindowContext) -> Any:
+        if not self.cache_condition:
+            return self.denoiser.encode_condition(image_windows)
+        key = _window_key(coords)
+        if key not in ctx.cache:
+            ctx.cache[key] = self.denoiser.encode_condition(image_windows)
+        return ctx.cache[key]
+
+    def denoise(self, x_t: torch.Tensor, timesteps: torch.Tensor, features: _WindowContext) -> torch.Tensor:
+        image = features.image
+        b, c_img = image.shape[:2]
+        n, c = x_t.shape[0] // b, x_t.shape[1]
+        if not bool((timesteps == timesteps[0]).all()):
+            raise ValueError("window-consistent sampling needs one timestep for the whole batch")
+        t = timesteps[0]
+
+        def predictor(window: torch.Tensor, coords: Sequence[Sequence[slice]]) -> torch.Tensor:
+            k, roi = window.shape[0], window.shape[2:]
+            x_w = window[:, c_img:].reshape(k * n, c, *roi)  # (k·N, C, *roi), b-major like repeat_batch
+            feats = repeat_batch(self._features(window[:, :c_img], coords, features), n)
+            out = self.denoiser.denoise(x_w, t.expand(k * n), feats)
+            return out.reshape(k, n * out.shape[1], *roi)
+
+        stacked = torch.cat([image, x_t.reshape(b, n * c, *x_t.shape[2:])], dim=1)  # (B, C_img + N·C, *S)
+        out = sliding_window_inference(
+            stacked,
+            self.roi_size,
+            self.sw_batch_size,
+            predictor,
+            overlap=self.overlap,
+            mode=self.mode,
+            sigma_scale=self.sigma_scale,
+            padding_mode=self.padding_mode,
+            progress=self.progress,
+            with_coord=True,
+        )
+        out = convert_to_tensor(out, track_meta=False)
+        return out.reshape(b * n, out.shape[1] // n, *out.shape[2:])
+
+
+class WindowConsistentInferer(Inferer):
+    """MONAI inferer: ``inferer(image (B, C_img, *S), segmenter) -> scores (B, C, *S)`` with one global chain.
+
+    Args:
+        roi_size: window size (spatial); windows smaller than the image are padded with ``padding_mode``.
+        sw_batch_size: windows per denoiser call (each window carries the N ensemble members).
+        overlap: window overlap fraction per axis (0 tiles without overlap, as SegDiff's 256² tiles).
+        mode: ``"gaussian"`` or ``"constant"`` blending of overlapping windows.
+        sigma_scale: gaussian sigma relative to the window size.
+        padding_mode: how windows beyond the image border are padded.
+        cache_condition: compute each window's image conditioning once per image (True) or at every step.
+        progress: tqdm bar over windows.
+
+    The segmenter's ``last_uncertainty`` holds the whole image's uncertainty after the call.
+    """
+
+    def __init__(
+        self,
+        roi_size: Sequence[int] | int,
+        sw_batch_size: int = 1,
+        overlap: Sequence[float] | float = 0.25,
+        mode: BlendMode | str = BlendMode.GAUSSIAN,
+        sigma_scale: Sequence[float] | float = 0.125,
+        padding_mode: PytorchPadMode | str = PytorchPadMode.CONSTANT,
+        cache_condition: bool = True,
+        progress: bool = False,
+    ) -> None:
+        super().__init__()
+        self.window_args = {
+            "roi_size": roi_size,
+            "sw_batch_size": sw_batch_size,
+            "overlap": overlap,
+            "mode": mode,
+            "sigma_scale": sigma_scale,
+            "padding_mode": padding_mode,
+            "cache_condition": cache_condition,
+            "progress": progress,
+        }
+
+    @torch.no_grad()
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        segmenter = getattr(network, "module", network)  # DistributedDataParallel / DataParallel wrap
+        if not isinstance(segmenter, DiffusionSegmenter):
+            raise TypeError(f"WindowConsistentInferer needs a DiffusionSegmenter, got {type(segmenter).__name__}")
+        if segmenter.latent_decoder is not None or segmenter.latent_downsample != 1:
+            raise ValueError("window-consistent sampling works in pixel space only (no latent_decoder)")
+        out = segmenter.predict(inputs, denoiser=WindowedDenoiser(segmenter.denoiser, **self.window_args))
+        segmenter.last_uncertainty = out.uncertainty
+        return out.probs

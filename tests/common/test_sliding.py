@@ -1,0 +1,93 @@
+"""Window-consistent sampling: one global chain evaluated window by window equals the whole-image sampler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.inferers import SlidingWindowInferer
+
+from diffseg.codecs import BinaryCodec, OneHotCodec
+from diffseg.ddpm import DDPMSampler
+from diffseg.segmenter import DiffusionSegmenter
+from diffseg.sliding import WindowConsistentInferer
+from diffseg.transforms import SegmenterUncertaintyd
+
+
+def x0_segmenter(pointwise_denoiser, dims, **kw):
+    sched = DDPMSampler(5, "respaced_beta", prediction_type="sample")
+    return DiffusionSegmenter(pointwise_denoiser(spatial_dims=dims), sched, OneHotCodec(3), logits_output=True, **kw)
+
+
+def eps_segmenter(pointwise_denoiser, dims, **kw):
+    den = pointwise_denoiser(channels=1, out_channels=1, spatial_dims=dims, timesteps=20)
+    return DiffusionSegmenter(den, DDPMSampler(20, "improved_linear_beta"), BinaryCodec(1), **kw)
+
+
+@pytest.mark.parametrize(
+    ("make", "dims", "shape", "roi"),
+    [
+        (x0_segmenter, 3, (1, 1, 20, 14, 9), (8, 8, 8)),
+        (x0_segmenter, 2, (2, 1, 23, 17), (8, 8)),
+        (eps_segmenter, 2, (1, 1, 19, 21), (16, 8)),
+    ],
+)
+def test_equals_whole_image_sampler_for_a_per_voxel_network(pointwise_denoiser, make, dims, shape, roi):
+    seg = make(pointwise_denoiser, dims, num_samples=3, seed=7)
+    image = torch.rand(shape)
+    whole = seg(image)
+    whole_std = seg.last_uncertainty.std
+    windowed = WindowConsistentInferer(roi, sw_batch_size=2, overlap=0.5)(image, seg)
+    torch.testing.assert_close(windowed, whole, atol=1e-5, rtol=1e-5)  # no seams anywhere
+    torch.testing.assert_close(seg.last_uncertainty.std, whole_std, atol=1e-5, rtol=1e-5)
+
+
+def test_per_window_chains_disagree_where_windows_meet(pointwise_denoiser):
+    """The Diff-UNet way (a chain per window) is not the whole-image sample: the reason for the default."""
+    seg = x0_segmenter(pointwise_denoiser, 2, seed=7)
+    image = torch.rand(1, 1, 24, 24)
+    whole = seg(image)
+    per_window = SlidingWindowInferer((12, 12), overlap=0.5, mode="gaussian")(image, seg)
+    assert (per_window - whole).abs().max() > 1e-2
+
+
+def test_conditioning_once_per_window_and_members_batched(pointwise_denoiser):
+    seg = x0_segmenter(pointwise_denoiser, 2, num_samples=4)
+    calls = []
+    original = seg.denoiser.denoise
+
+    def spy(x_t, t, features):
+        calls.append(x_t.shape[0])
+        return original(x_t, t, features)
+
+    seg.denoiser.denoise = spy
+    WindowConsistentInferer((8, 8), overlap=0)(torch.rand(1, 1, 16, 16), seg)
+    assert seg.denoiser.encode_calls == 4  # 4 windows, encoded once each for all 5 steps
+    assert calls == [4] * 20  # 5 steps × 4 windows, each with the 4 members in one batch
+    seg.denoiser.encode_calls = 0
+    WindowConsistentInferer((8, 8), overlap=0, cache_condition=False)(torch.rand(1, 1, 16, 16), seg)
+    assert seg.denoiser.encode_calls == 20
+
+
+def test_rejects_what_it_cannot_run(pointwise_denoiser):
+    with pytest.raises(TypeError, match="needs a DiffusionSegmenter"):
+        WindowConsistentInferer(8)(torch.rand(1, 1, 8, 8), torch.nn.Identity())
+    seg = x0_segmenter(pointwise_denoiser, 2, latent_decoder=lambda z: z)
+    with pytest.raises(ValueError, match="pixel space"):
+        WindowConsistentInferer(8)(torch.rand(1, 1, 8, 8), seg)
+
+
+def test_uncertainty_transform_carries_the_prediction_metadata(pointwise_denoiser):
+    seg = x0_segmenter(pointwise_denoiser, 2, num_samples=3)
+    image = torch.rand(1, 1, 8, 6)
+    pred = MetaTensor(seg(image)[0], meta={"filename_or_obj": "case.nii.gz"})
+    out = SegmenterUncertaintyd("uncertainty", seg)({"pred": pred})
+    assert out["uncertainty"].shape == (1, 8, 6) and out["uncertainty"].meta["filename_or_obj"] == "case.nii.gz"
+    torch.testing.assert_close(out["uncertainty"].as_tensor(), seg.last_uncertainty.std.mean(dim=1))
+    entropy = SegmenterUncertaintyd("u", seg, measure="entropy")({"pred": pred})["u"]
+    torch.testing.assert_close(entropy.as_tensor(), seg.last_uncertainty.entropy[:, 0])
+    with pytest.raises(ValueError, match="measure='var'"):
+        SegmenterUncertaintyd("u", seg, measure="var")
+    seg(torch.rand(2, 1, 8, 6))
+    with pytest.raises(ValueError, match="batch size 1"):
+        SegmenterUncertaintyd("u", seg)({"pred": pred})
