@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from monai.inferers import Inferer, sliding_window_inference
-from monai.utils import BlendMode, PytorchPadMode, convert_to_tensor
+from monai.utils import BlendMode, PytorchPadMode, convert_to_dst_type, convert_to_tensor
 
 from diffseg.denoiser import ConditionalDenoiser
 from diffseg.segmenter import DiffusionSegmenter, repeat_batch
@@ -128,7 +128,8 @@ class WindowConsistentInferer(Inferer):
         cache_condition: compute each window's image conditioning once per image (True) or at every step.
         progress: tqdm bar over windows.
 
-    The segmenter's ``last_uncertainty`` holds the whole image's uncertainty after the call.
+    The segmenter's ``last_uncertainty`` holds the whole image's uncertainty after the call. A ``MetaTensor`` input
+    gives a ``MetaTensor`` output with the input's metadata, as MONAI's ``SlidingWindowInferer`` does.
     """
 
     def __init__(
@@ -163,4 +164,4 @@ class WindowConsistentInferer(Inferer):
             raise ValueError("window-consistent sampling works in pixel space only (no latent_decoder)")
         out = segmenter.predict(inputs, denoiser=WindowedDenoiser(segmenter.denoiser, **self.window_args))
         segmenter.last_uncertainty = out.uncertainty
-        return out.probs
+        return convert_to_dst_type(out.probs, inputs)[0]  # a MetaTensor input's metadata travels on (Invertd)

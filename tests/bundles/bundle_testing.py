@@ -27,6 +27,7 @@ __all__ = [
     "bundle_imports",
     "check_metadata",
     "check_net_in_out",
+    "error_text",
     "load_config",
     "read_nifti",
     "run_bundle",
@@ -110,3 +111,12 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(array, affine) of a NIfTI file."""
     img = nib.load(str(path))
     return np.asarray(img.dataobj), img.affine
+
+
+def error_text(exc: BaseException) -> str:
+    """All messages of an exception and its causes (MONAI wraps a transform's error in several layers)."""
+    parts = []
+    while exc is not None and len(parts) < 20:
+        parts.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)

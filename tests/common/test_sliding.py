@@ -91,3 +91,10 @@ def test_uncertainty_transform_carries_the_prediction_metadata(pointwise_denoise
     seg(torch.rand(2, 1, 8, 6))
     with pytest.raises(ValueError, match="batch size 1"):
         SegmenterUncertaintyd("u", seg)({"pred": pred})
+
+
+def test_metatensor_input_keeps_its_metadata(pointwise_denoiser):
+    seg = x0_segmenter(pointwise_denoiser, 2)
+    image = MetaTensor(torch.rand(1, 1, 8, 8), meta={"filename_or_obj": "case.nii.gz"})
+    out = WindowConsistentInferer(8)(image, seg)
+    assert isinstance(out, MetaTensor) and out.meta["filename_or_obj"] == "case.nii.gz"
