@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from monai.inferers import Inferer, sliding_window_inference
-from monai.utils import BlendMode, PytorchPadMode, convert_to_dst_type, convert_to_tensor
+from monai.utils import BlendMode, PytorchPadMode, convert_to_dst_type, convert_to_tensor, ensure_tuple_rep
 
 from diffseg.denoiser import ConditionalDenoiser
 from diffseg.segmenter import DiffusionSegmenter, repeat_batch
@@ -127,6 +127,8 @@ class WindowConsistentInferer(Inferer):
         padding_mode: how windows beyond the image border are padded.
         cache_condition: compute each window's image conditioning once per image (True) or at every step.
         progress: tqdm bar over windows.
+        size_divisible: the window never exceeds the image rounded up to a multiple of this (the network's total
+            downsampling), so a small image is not padded to a large ``roi_size``.
 
     The segmenter's ``last_uncertainty`` holds the whole image's uncertainty after the call. A ``MetaTensor`` input
     gives a ``MetaTensor`` output with the input's metadata, as MONAI's ``SlidingWindowInferer`` does.
@@ -142,8 +144,12 @@ class WindowConsistentInferer(Inferer):
         padding_mode: PytorchPadMode | str = PytorchPadMode.CONSTANT,
         cache_condition: bool = True,
         progress: bool = False,
+        size_divisible: int = 1,
     ) -> None:
         super().__init__()
+        if size_divisible < 1:
+            raise ValueError(f"size_divisible={size_divisible} must be >= 1")
+        self.size_divisible = size_divisible
         self.window_args = {
             "roi_size": roi_size,
             "sw_batch_size": sw_batch_size,
@@ -162,6 +168,11 @@ class WindowConsistentInferer(Inferer):
             raise TypeError(f"WindowConsistentInferer needs a DiffusionSegmenter, got {type(segmenter).__name__}")
         if segmenter.latent_decoder is not None or segmenter.latent_downsample != 1:
             raise ValueError("window-consistent sampling works in pixel space only (no latent_decoder)")
-        out = segmenter.predict(inputs, denoiser=WindowedDenoiser(segmenter.denoiser, **self.window_args))
+        spatial = inputs.shape[2:]
+        roi = ensure_tuple_rep(self.window_args["roi_size"], len(spatial))
+        m = self.size_divisible
+        roi = [min(r, -(-s // m) * m) for r, s in zip(roi, spatial, strict=True)]  # never beyond the rounded image
+        window = WindowedDenoiser(segmenter.denoiser, **{**self.window_args, "roi_size": roi})
+        out = segmenter.predict(inputs, denoiser=window)
         segmenter.last_uncertainty = out.uncertainty
         return convert_to_dst_type(out.probs, inputs)[0]  # a MetaTensor input's metadata travels on (Invertd)

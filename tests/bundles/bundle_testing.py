@@ -6,15 +6,16 @@ and forgets any previously imported ``scripts`` modules (as MONAI Label does bef
 
 from __future__ import annotations
 
-import contextlib
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 from monai.bundle import ConfigParser, run, verify_metadata, verify_net_in_out
+
+from diffseg.bundles import bundle_imports as _bundle_imports
+from diffseg.bundles import bundle_parser, config_files
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLES = REPO / "bundles"
@@ -35,26 +36,9 @@ __all__ = [
 ]
 
 
-def _forget_scripts() -> None:
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
-
-
-@contextlib.contextmanager
-def bundle_imports(bundle: str | Path) -> Iterator[Path]:
-    """Make ``import scripts`` resolve to ``bundle``'s own package for the duration of the block."""
-    root = Path(BUNDLES / bundle if not Path(bundle).is_absolute() else bundle)
-    _forget_scripts()
-    sys.path.insert(0, str(root))
-    try:
-        yield root
-    finally:
-        sys.path.remove(str(root))
-        _forget_scripts()
-
-
-def _config_files(root: Path, configs: Sequence[str]) -> list[str]:
-    return [str(root / "configs" / c) if not Path(c).is_absolute() else c for c in configs]
+def bundle_imports(bundle: str | Path):
+    """``diffseg.bundles.bundle_imports`` for a bundle name (or path)."""
+    return _bundle_imports(BUNDLES / bundle)
 
 
 def run_bundle(bundle: str | Path, configs: Sequence[str] = ("inference.json",), run_id: str = "run", **override: Any):
@@ -62,7 +46,7 @@ def run_bundle(bundle: str | Path, configs: Sequence[str] = ("inference.json",),
     with bundle_imports(bundle) as root:
         return run(
             run_id=run_id,
-            config_file=_config_files(root, configs),
+            config_file=config_files(root, configs),
             meta_file=str(root / "configs" / "metadata.json"),
             logging_file=str(root / "configs" / "logging.conf"),
             bundle_root=str(root),
@@ -72,12 +56,7 @@ def run_bundle(bundle: str | Path, configs: Sequence[str] = ("inference.json",),
 
 def load_config(bundle: str | Path, configs: Sequence[str] = ("inference.json",), **override: Any) -> ConfigParser:
     """The merged, parsed config (ids resolve with ``parser.get_parsed_content(id)`` inside ``bundle_imports``)."""
-    root = Path(BUNDLES / bundle)
-    parser = ConfigParser()
-    parser.read_config(_config_files(root, configs))
-    parser.read_meta(str(root / "configs" / "metadata.json"))
-    parser.update({"bundle_root": str(root), **override})
-    return parser
+    return bundle_parser(BUNDLES / bundle, configs, **override)
 
 
 def check_metadata(bundle: str | Path) -> None:

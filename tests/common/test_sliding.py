@@ -98,3 +98,23 @@ def test_metatensor_input_keeps_its_metadata(pointwise_denoiser):
     image = MetaTensor(torch.rand(1, 1, 8, 8), meta={"filename_or_obj": "case.nii.gz"})
     out = WindowConsistentInferer(8)(image, seg)
     assert isinstance(out, MetaTensor) and out.meta["filename_or_obj"] == "case.nii.gz"
+
+
+def test_window_shrinks_to_a_small_image_rounded_to_the_network_multiple(pointwise_denoiser):
+    seg = x0_segmenter(pointwise_denoiser, 2)
+    shapes = []
+    original = seg.denoiser.denoise
+
+    def spy(x_t, t, features):
+        shapes.append(tuple(x_t.shape[2:]))
+        return original(x_t, t, features)
+
+    seg.denoiser.denoise = spy
+    image = torch.rand(1, 1, 20, 9)
+    whole = seg(image)
+    shapes.clear()
+    out = WindowConsistentInferer((64, 64), size_divisible=8)(image, seg)
+    assert set(shapes) == {(24, 16)}  # not 64×64: the image rounded up to multiples of 8
+    torch.testing.assert_close(out, whole, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="size_divisible=0"):
+        WindowConsistentInferer(8, size_divisible=0)
