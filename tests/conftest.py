@@ -42,3 +42,21 @@ def pointwise_denoiser():
         return PointwiseDenoiser(image_channels, channels, out_channels, spatial_dims, timesteps)
 
     return make
+
+
+@pytest.fixture
+def spy_denoise():
+    """``spy_denoise(segmenter) -> calls``: every later ``segmenter.denoiser.denoise`` call appends its x_t."""
+
+    def attach(segmenter) -> list:
+        calls = []
+        original = segmenter.denoiser.denoise
+
+        def spy(x_t, t, features):
+            calls.append(x_t)
+            return original(x_t, t, features)
+
+        segmenter.denoiser.denoise = spy
+        return calls
+
+    return attach

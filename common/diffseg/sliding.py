@@ -14,6 +14,7 @@ reused for all steps; the N ensemble members of a window run as one batch.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,7 +47,9 @@ class WindowedDenoiser(ConditionalDenoiser):
 
     ``encode_condition(image)`` only records the image; ``denoise(x_t (B·N, C, *S), t, ctx)`` runs
     ``sliding_window_inference`` over ``[image, x_t of the N members]`` and returns the blended output
-    (B·N, C_out, *S). Arguments as in :class:`WindowConsistentInferer`.
+    (B·N, C_out, *S). ``roi_size``, ``sw_batch_size``, ``overlap``, ``mode``, ``sigma_scale``, ``padding_mode`` and
+    ``progress`` go to MONAI's ``sliding_window_inference``; ``cache_condition`` keeps each window's
+    ``encode_condition`` result for all steps of one image.
     """
 
     def __init__(
@@ -63,14 +66,16 @@ class WindowedDenoiser(ConditionalDenoiser):
     ) -> None:
         super().__init__()
         self.denoiser = denoiser
-        self.roi_size = roi_size
-        self.sw_batch_size = sw_batch_size
-        self.overlap = overlap
-        self.mode = mode
-        self.sigma_scale = sigma_scale
-        self.padding_mode = padding_mode
         self.cache_condition = cache_condition
-        self.progress = progress
+        self.window_kwargs = {  # passed on to monai.inferers.sliding_window_inference
+            "roi_size": roi_size,
+            "sw_batch_size": sw_batch_size,
+            "overlap": overlap,
+            "mode": mode,
+            "sigma_scale": sigma_scale,
+            "padding_mode": padding_mode,
+            "progress": progress,
+        }
 
     def encode_condition(self, image: torch.Tensor) -> _WindowContext:
         return _WindowContext(image)
@@ -99,18 +104,7 @@ class WindowedDenoiser(ConditionalDenoiser):
             return out.reshape(k, n * out.shape[1], *roi)
 
         stacked = torch.cat([image, x_t.reshape(b, n * c, *x_t.shape[2:])], dim=1)  # (B, C_img + N·C, *S)
-        out = sliding_window_inference(
-            stacked,
-            self.roi_size,
-            self.sw_batch_size,
-            predictor,
-            overlap=self.overlap,
-            mode=self.mode,
-            sigma_scale=self.sigma_scale,
-            padding_mode=self.padding_mode,
-            progress=self.progress,
-            with_coord=True,
-        )
+        out = sliding_window_inference(stacked, predictor=predictor, with_coord=True, **self.window_kwargs)
         out = convert_to_tensor(out, track_meta=False)
         return out.reshape(b * n, out.shape[1] // n, *out.shape[2:])
 
@@ -119,47 +113,23 @@ class WindowConsistentInferer(Inferer):
     """MONAI inferer: ``inferer(image (B, C_img, *S), segmenter) -> scores (B, C, *S)`` with one global chain.
 
     Args:
-        roi_size: window size (spatial); windows smaller than the image are padded with ``padding_mode``.
-        sw_batch_size: windows per denoiser call (each window carries the N ensemble members).
-        overlap: window overlap fraction per axis (0 tiles without overlap, as SegDiff's 256² tiles).
-        mode: ``"gaussian"`` or ``"constant"`` blending of overlapping windows.
-        sigma_scale: gaussian sigma relative to the window size.
-        padding_mode: how windows beyond the image border are padded.
-        cache_condition: compute each window's image conditioning once per image (True) or at every step.
-        progress: tqdm bar over windows.
-        size_divisible: the window never exceeds the image rounded up to a multiple of this (the network's total
-            downsampling), so a small image is not padded to a large ``roi_size``.
+        roi_size: window size (spatial); never larger than the image rounded up to ``size_divisible``.
+        size_divisible: the network's total downsampling (a small image is not padded to a large ``roi_size``).
+        window_args: the other :class:`WindowedDenoiser` arguments — ``sw_batch_size`` (windows per denoiser call,
+            each with the N ensemble members), ``overlap`` (0 tiles without overlap, as SegDiff's 256² tiles),
+            ``mode`` (``"gaussian"`` or ``"constant"`` blending), ``sigma_scale``, ``padding_mode``,
+            ``cache_condition`` (each window's image conditioning once per image, or at every step), ``progress``.
 
     The segmenter's ``last_uncertainty`` holds the whole image's uncertainty after the call. A ``MetaTensor`` input
     gives a ``MetaTensor`` output with the input's metadata, as MONAI's ``SlidingWindowInferer`` does.
     """
 
-    def __init__(
-        self,
-        roi_size: Sequence[int] | int,
-        sw_batch_size: int = 1,
-        overlap: Sequence[float] | float = 0.25,
-        mode: BlendMode | str = BlendMode.GAUSSIAN,
-        sigma_scale: Sequence[float] | float = 0.125,
-        padding_mode: PytorchPadMode | str = PytorchPadMode.CONSTANT,
-        cache_condition: bool = True,
-        progress: bool = False,
-        size_divisible: int = 1,
-    ) -> None:
+    def __init__(self, roi_size: Sequence[int] | int, size_divisible: int = 1, **window_args: Any) -> None:
         super().__init__()
         if size_divisible < 1:
             raise ValueError(f"size_divisible={size_divisible} must be >= 1")
-        self.size_divisible = size_divisible
-        self.window_args = {
-            "roi_size": roi_size,
-            "sw_batch_size": sw_batch_size,
-            "overlap": overlap,
-            "mode": mode,
-            "sigma_scale": sigma_scale,
-            "padding_mode": padding_mode,
-            "cache_condition": cache_condition,
-            "progress": progress,
-        }
+        inspect.signature(WindowedDenoiser).bind(None, roi_size, **window_args)  # TypeError names an unknown argument
+        self.roi_size, self.size_divisible, self.window_args = roi_size, size_divisible, window_args
 
     @torch.no_grad()
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -169,10 +139,10 @@ class WindowConsistentInferer(Inferer):
         if segmenter.latent_decoder is not None or segmenter.latent_downsample != 1:
             raise ValueError("window-consistent sampling works in pixel space only (no latent_decoder)")
         spatial = inputs.shape[2:]
-        roi = ensure_tuple_rep(self.window_args["roi_size"], len(spatial))
+        roi = ensure_tuple_rep(self.roi_size, len(spatial))
         m = self.size_divisible
         roi = [min(r, -(-s // m) * m) for r, s in zip(roi, spatial, strict=True)]  # never beyond the rounded image
-        window = WindowedDenoiser(segmenter.denoiser, **{**self.window_args, "roi_size": roi})
+        window = WindowedDenoiser(segmenter.denoiser, roi, **self.window_args)
         out = segmenter.predict(inputs, denoiser=window)
         segmenter.last_uncertainty = out.uncertainty
         return convert_to_dst_type(out.probs, inputs)[0]  # a MetaTensor input's metadata travels on (Invertd)

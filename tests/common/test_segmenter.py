@@ -37,19 +37,12 @@ def test_same_seed_identical_different_seed_differs(pointwise_denoiser):
     assert not torch.allclose(a, seg(image))
 
 
-def test_conditioning_once_and_samples_batched(pointwise_denoiser):
+def test_conditioning_once_and_samples_batched(pointwise_denoiser, spy_denoise):
     seg = make(pointwise_denoiser, num_samples=4)
-    calls = []
-    original = seg.denoiser.denoise
-
-    def spy(x_t, t, features):
-        calls.append(x_t.shape[0])
-        return original(x_t, t, features)
-
-    seg.denoiser.denoise = spy
+    calls = spy_denoise(seg)
     seg(torch.rand(2, 1, 8, 8))
     assert seg.denoiser.encode_calls == 1  # G(I) once per forward, for all steps and samples
-    assert calls == [8] * 5  # 5 steps, each one batch of B·N = 2·4 chains
+    assert [x.shape[0] for x in calls] == [8] * 5  # 5 steps, each one batch of B·N = 2·4 chains
 
 
 def test_samples_per_batch_chunks_but_keeps_the_result_shape(pointwise_denoiser):

@@ -51,19 +51,12 @@ def test_per_window_chains_disagree_where_windows_meet(pointwise_denoiser):
     assert (per_window - whole).abs().max() > 1e-2
 
 
-def test_conditioning_once_per_window_and_members_batched(pointwise_denoiser):
+def test_conditioning_once_per_window_and_members_batched(pointwise_denoiser, spy_denoise):
     seg = x0_segmenter(pointwise_denoiser, 2, num_samples=4)
-    calls = []
-    original = seg.denoiser.denoise
-
-    def spy(x_t, t, features):
-        calls.append(x_t.shape[0])
-        return original(x_t, t, features)
-
-    seg.denoiser.denoise = spy
+    calls = spy_denoise(seg)
     WindowConsistentInferer((8, 8), overlap=0)(torch.rand(1, 1, 16, 16), seg)
     assert seg.denoiser.encode_calls == 4  # 4 windows, encoded once each for all 5 steps
-    assert calls == [4] * 20  # 5 steps × 4 windows, each with the 4 members in one batch
+    assert [x.shape[0] for x in calls] == [4] * 20  # 5 steps × 4 windows, each with the 4 members in one batch
     seg.denoiser.encode_calls = 0
     WindowConsistentInferer((8, 8), overlap=0, cache_condition=False)(torch.rand(1, 1, 16, 16), seg)
     assert seg.denoiser.encode_calls == 20
@@ -100,21 +93,15 @@ def test_metatensor_input_keeps_its_metadata(pointwise_denoiser):
     assert isinstance(out, MetaTensor) and out.meta["filename_or_obj"] == "case.nii.gz"
 
 
-def test_window_shrinks_to_a_small_image_rounded_to_the_network_multiple(pointwise_denoiser):
+def test_window_shrinks_to_a_small_image_rounded_to_the_network_multiple(pointwise_denoiser, spy_denoise):
     seg = x0_segmenter(pointwise_denoiser, 2)
-    shapes = []
-    original = seg.denoiser.denoise
-
-    def spy(x_t, t, features):
-        shapes.append(tuple(x_t.shape[2:]))
-        return original(x_t, t, features)
-
-    seg.denoiser.denoise = spy
     image = torch.rand(1, 1, 20, 9)
     whole = seg(image)
-    shapes.clear()
+    calls = spy_denoise(seg)
     out = WindowConsistentInferer((64, 64), size_divisible=8)(image, seg)
-    assert set(shapes) == {(24, 16)}  # not 64×64: the image rounded up to multiples of 8
+    assert {tuple(x.shape[2:]) for x in calls} == {(24, 16)}  # not 64×64: the image rounded up to multiples of 8
     torch.testing.assert_close(out, whole, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="size_divisible=0"):
         WindowConsistentInferer(8, size_divisible=0)
+    with pytest.raises(TypeError, match="overlapp"):
+        WindowConsistentInferer(8, overlapp=0.5)
