@@ -60,10 +60,13 @@ __all__ = [
     "cache_dir",
     "cache_status",
     "data_path",
+    "derived_dir",
     "fetch",
+    "prepare_cli",
     "pip_command",
     "run_pip",
     "totalseg_class_map",
+    "write_dataset_json",
 ]
 
 ENV_VAR = "DIFFSEG_DATA_DIR"
@@ -371,6 +374,36 @@ def totalseg_class_map(task: str = "total", cache: str | os.PathLike[str] | None
     if task not in maps:
         raise ValueError(f"unknown TotalSegmentator task {task!r}; class_map.json holds {sorted(maps)}")
     return {int(k): v for k, v in maps[task].items()}
+
+
+# ---------------------------------------------------------------------------------------------- derived datasets
+def derived_dir(bundle: str, cache: str | os.PathLike[str] | None = None) -> Path:
+    """``<cache>/derived/<bundle>``: where a bundle's ``scripts/prepare_data.py`` writes its demo dataset."""
+    return cache_dir(cache) / "derived" / bundle
+
+
+def write_dataset_json(folder: str | os.PathLike[str], dataset: Mapping[str, object]) -> Path:
+    """Write ``dataset`` (MSD-style: "training"/"validation" lists, paths relative to ``folder`` or absolute) as
+    ``<folder>/dataset.json`` (4-space JSON) and return its path."""
+    path = Path(folder) / "dataset.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dataset, indent=4) + "\n")
+    return path
+
+
+def prepare_cli(
+    prepare: Callable[[Path], Path], bundle: str, description: str | None, argv: Sequence[str] | None = None
+) -> Path:
+    """The command line of a bundle's ``scripts/prepare_data.py``: ``--output`` (default :func:`derived_dir`) is
+    handed to ``prepare``; prints and returns the ``dataset.json`` path it returns."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    default = derived_dir(bundle)
+    parser.add_argument("--output", type=Path, default=default, help=f"dataset folder (default: {default})")
+    path = prepare(parser.parse_args(argv).output)
+    print(path)
+    return path
 
 
 def _registry(registry: Mapping[str, Source] | None) -> Mapping[str, Source]:

@@ -86,6 +86,13 @@ class DiffusionSegPrepareBatch(DiffusionPrepareBatch):
                 raise KeyError(f"batch has no {key!r} entry (keys: {sorted(batchdata)})")
         image = batchdata[self.image_key].to(device, non_blocking=non_blocking, **kwargs)
         label = batchdata[self.label_key].to(device, non_blocking=non_blocking, **kwargs)
+        return self.prepare(image, label)
+
+    def prepare(
+        self, image: torch.Tensor, label: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple, dict[str, torch.Tensor]]:
+        """Training inputs of a batch on its device: image (B, C_img, *S), label (B, 1, *S) class indices →
+        ``(x_t, target, (), {"timesteps": t, "image": image})``; subclasses change what the network is trained on."""
         x0 = self.codec.encode(label).to(image.dtype)
         noise = self.get_noise(x0)
         timesteps = self.get_timesteps(x0)

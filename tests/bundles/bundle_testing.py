@@ -6,6 +6,10 @@ and forgets any previously imported ``scripts`` modules (as MONAI Label does bef
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,10 +32,15 @@ __all__ = [
     "bundle_imports",
     "check_metadata",
     "check_net_in_out",
+    "bad_volume_cases",
+    "bad_volume_folder",
     "error_text",
+    "infer_images",
     "load_config",
+    "random_ct",
     "read_nifti",
     "run_bundle",
+    "run_torchrun",
     "write_nifti",
 ]
 
@@ -52,6 +61,38 @@ def run_bundle(bundle: str | Path, configs: Sequence[str] = ("inference.json",),
             bundle_root=str(root),
             **override,
         )
+
+
+def infer_images(
+    bundle: str | Path,
+    tmp_path: Path,
+    images: dict[str, tuple[np.ndarray, np.ndarray | None]],
+    configs: Sequence[str] = ("inference.json",),
+    **override: Any,
+) -> Path:
+    """Write ``images`` (file name → (array, affine)) to ``tmp_path/in``, run the bundle's inference on that folder
+    into ``tmp_path/out`` (``override`` e.g. a tiny network and its ``ckpt_path``) and return the output folder."""
+    folder, out = tmp_path / "in", tmp_path / "out"
+    for name, (array, affine) in images.items():
+        write_nifti(folder / name, array, affine)
+    run_bundle(bundle, configs, **{"dataset_dir": str(folder), "output_dir": str(out), **override})
+    return out
+
+
+def run_torchrun(
+    bundle: str | Path, cwd: Path, configs: Sequence[str] = ("train.json", "multi_gpu_train.json"), **override: Any
+) -> None:
+    """``torchrun --nproc_per_node=2 -m monai.bundle run`` (gloo on CPU) in a subprocess; ``override`` are passed as
+    ``--id <json>``. Fails with the processes' output when the run does not exit cleanly."""
+    root = BUNDLES / bundle
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "common"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
+    cmd += ["-m", "monai.bundle", "run", "--config_file", str(config_files(root, configs)), "--bundle_root", str(root)]
+    cmd += ["--meta_file", str(root / "configs" / "metadata.json")]
+    for key, value in override.items():
+        cmd += [f"--{key}", json.dumps(value)]
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 def load_config(bundle: str | Path, configs: Sequence[str] = ("inference.json",), **override: Any) -> ConfigParser:
@@ -99,3 +140,41 @@ def error_text(exc: BaseException) -> str:
         parts.append(f"{type(exc).__name__}: {exc}")
         exc = exc.__cause__ or exc.__context__
     return "\n".join(parts)
+
+
+def random_ct(shape: Sequence[int], seed: int = 0) -> np.ndarray:
+    """Uniform random HU values in [-1000, 400] of ``shape`` (float32)."""
+    return np.random.default_rng(seed).uniform(-1000, 400, shape).astype(np.float32)
+
+
+# bad volume inputs of a 3D bundle's folder inference → the text its error must contain
+BAD_VOLUMES = {
+    "empty": "no images",
+    "missing": "is not a folder",
+    "4d": "bad.nii.gz: expected 1 channel(s), got 3",
+    "2d": "bad.nii.gz: expected a 3D image",
+    "nan": "bad.nii.gz: image contains NaN",
+    "corrupt": "bad.nii.gz",
+}
+
+
+def bad_volume_cases(*exclude: str) -> list[tuple[str, str]]:
+    """``(case, expected error text)`` pairs of :data:`BAD_VOLUMES` for ``pytest.mark.parametrize``."""
+    return [(case, match) for case, match in BAD_VOLUMES.items() if case not in exclude]
+
+
+def bad_volume_folder(tmp_path: Path, case: str) -> Path:
+    """Write the bad input ``case`` into ``tmp_path/in`` and return the folder to give as ``dataset_dir``."""
+    folder = tmp_path / "in"
+    folder.mkdir(parents=True, exist_ok=True)
+    if case == "4d":
+        write_nifti(folder / "bad.nii.gz", random_ct((10, 10, 10, 3)))
+    elif case == "2d":
+        write_nifti(folder / "bad.nii.gz", random_ct((32, 32)))
+    elif case == "nan":
+        array = random_ct((16, 16, 8))
+        array[3, 3, 3] = np.nan
+        write_nifti(folder / "bad.nii.gz", array)
+    elif case == "corrupt":
+        (folder / "bad.nii.gz").write_bytes(b"\x1f\x8b not really a gzip file")
+    return tmp_path / "nowhere" if case == "missing" else folder

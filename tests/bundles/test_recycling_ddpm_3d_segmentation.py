@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -14,14 +11,18 @@ import torch
 import torch.nn as nn
 from bundle_testing import (
     BUNDLES,
-    REPO,
+    bad_volume_cases,
+    bad_volume_folder,
     bundle_imports,
     check_metadata,
     check_net_in_out,
     error_text,
+    infer_images,
     load_config,
+    random_ct,
     read_nifti,
     run_bundle,
+    run_torchrun,
     write_nifti,
 )
 
@@ -41,19 +42,9 @@ def tiny_weights(tmp_path, **override) -> str:
     return str(path)
 
 
-def ct(shape, seed=0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.uniform(-1000, 400, shape).astype(np.float32)
-
-
 def infer(tmp_path, images: dict[str, tuple[np.ndarray, np.ndarray]], **override):
-    folder, out = tmp_path / "in", tmp_path / "out"
-    for name, (array, affine) in images.items():
-        write_nifti(folder / name, array, affine)
-    override = {**TINY, "dataset_dir": str(folder), "output_dir": str(out), **override}
-    override["ckpt_path"] = override.get("ckpt_path") or tiny_weights(tmp_path)
-    run_bundle(BUNDLE, **override)
-    return out
+    ckpt = override.pop("ckpt_path", None) or tiny_weights(tmp_path)
+    return infer_images(BUNDLE, tmp_path, images, **{**TINY, "ckpt_path": ckpt, **override})
 
 
 def test_metadata_and_network_contract():
@@ -100,7 +91,10 @@ def test_ablation_overrides_change_what_they_name():
 def test_folder_inference_keeps_the_original_geometry_and_writes_uncertainty(tmp_path):
     lps = np.diag([-2.0, -2.0, 6.0, 1.0])
     lps[:3, 3] = [40.0, 30.0, -20.0]
-    images = {"a.nii.gz": (ct((40, 30, 12)), np.diag([2.0, 2.0, 6.0, 1.0])), "b.nii": (ct((21, 33, 9), 1), lps)}
+    images = {
+        "a.nii.gz": (random_ct((40, 30, 12)), np.diag([2.0, 2.0, 6.0, 1.0])),
+        "b.nii": (random_ct((21, 33, 9), 1), lps),
+    }
     out = infer(tmp_path, images, save_uncertainty=True, **{"displayable_configs#num_samples": 2})
     for name, (array, affine) in images.items():
         stem = name.split(".")[0]
@@ -113,7 +107,7 @@ def test_folder_inference_keeps_the_original_geometry_and_writes_uncertainty(tmp
 
 
 def test_same_seed_gives_an_identical_label_file(tmp_path):
-    images = {"a.nii.gz": (ct((30, 30, 10)), np.diag([1.5, 1.5, 5.0, 1.0]))}
+    images = {"a.nii.gz": (random_ct((30, 30, 10)), np.diag([1.5, 1.5, 5.0, 1.0]))}
     ckpt = tiny_weights(tmp_path)
     first = infer(tmp_path / "1", images, ckpt_path=ckpt)
     second = infer(tmp_path / "2", images, ckpt_path=ckpt)
@@ -123,31 +117,9 @@ def test_same_seed_gives_an_identical_label_file(tmp_path):
     assert not np.array_equal(np.asarray(a.dataobj), np.asarray(nib.load(third / "a_seg.nii.gz").dataobj))
 
 
-@pytest.mark.parametrize(
-    ("setup", "match"),
-    [
-        ("empty", "no images"),
-        ("missing", "is not a folder"),
-        ("4d", "bad.nii.gz: expected 1 channel(s), got 3"),
-        ("2d", "bad.nii.gz: expected a 3D image"),
-        ("nan", "bad.nii.gz: image contains NaN"),
-        ("corrupt", "bad.nii.gz"),
-    ],
-)
-def test_bad_inputs_fail_with_a_clear_error_naming_the_file(tmp_path, setup, match):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    if setup == "4d":
-        write_nifti(folder / "bad.nii.gz", ct((10, 10, 10, 3)))
-    elif setup == "2d":
-        write_nifti(folder / "bad.nii.gz", ct((32, 32)))
-    elif setup == "nan":
-        array = ct((16, 16, 8))
-        array[3, 3, 3] = np.nan
-        write_nifti(folder / "bad.nii.gz", array)
-    elif setup == "corrupt":
-        (folder / "bad.nii.gz").write_bytes(b"\x1f\x8b not really a gzip file")
-    target = folder if setup != "missing" else tmp_path / "nowhere"
+@pytest.mark.parametrize(("case", "match"), bad_volume_cases())
+def test_bad_inputs_fail_with_a_clear_error_naming_the_file(tmp_path, case, match):
+    target = bad_volume_folder(tmp_path, case)
     with pytest.raises(Exception) as info:
         infer(tmp_path, {}, dataset_dir=str(target))
     assert match in error_text(info.value)
@@ -188,7 +160,7 @@ def write_dataset(root, n=2):
     """n tiny labelled volumes (a bright box = class 1, a dark box = class 2) and an MSD dataset.json."""
     entries = []
     for i in range(n):
-        image, label = ct((40, 40, 20), i), np.zeros((40, 40, 20), np.uint8)
+        image, label = random_ct((40, 40, 20), i), np.zeros((40, 40, 20), np.uint8)
         image[8:20, 8:20, 4:12], label[8:20, 8:20, 4:12] = 300, 1
         image[24:34, 20:30, 8:16], label[24:34, 20:30, 8:16] = -800, 2
         affine = np.diag([1.5, 1.5, 5.0, 1.0])
@@ -258,15 +230,17 @@ def test_demo_weights_segment_patient_b(tmp_path):
 def test_two_process_training_with_torchrun_on_cpu(tmp_path):
     """multi_gpu_train.json: DDP with the gloo backend on CPU, 2 processes, rank 0 saves the checkpoint."""
     write_dataset(tmp_path / "data", n=2)
-    root = BUNDLES / BUNDLE
-    configs = f"['{root}/configs/train.json','{root}/configs/multi_gpu_train.json']"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "common"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
-    cmd += ["-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(root)]
-    cmd += ["--meta_file", str(root / "configs" / "metadata.json"), "--dataset_dir", str(tmp_path / "data")]
-    cmd += ["--ckpt_dir", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "out"), "--max_epochs", "1"]
-    cmd += ["--unet_channels", "[4,4,4,4]", "--patch_size", "[32,32,16]", "--val_interval", "0", "--cache_rate", "0"]
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_torchrun(
+        BUNDLE,
+        tmp_path,
+        dataset_dir=str(tmp_path / "data"),
+        ckpt_dir=str(tmp_path / "ckpt"),
+        output_dir=str(tmp_path / "out"),
+        max_epochs=1,
+        unet_channels=[4, 4, 4, 4],
+        patch_size=[32, 32, 16],
+        val_interval=0,
+        cache_rate=0,
+    )
     state = torch.load(tmp_path / "ckpt" / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state)  # the plain segmenter's keys, loadable by inference.json

@@ -376,3 +376,22 @@ def test_real_data() -> None:
 
     assert data.totalseg_class_map("total")[1] == "spleen"
     assert data.totalseg_class_map("total_mr")[1] == "spleen"
+
+
+def test_prepare_cli_hands_the_output_folder_to_prepare_and_writes_4_space_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DIFFSEG_DATA_DIR", str(tmp_path / "cache"))
+    seen = []
+
+    def prepare(output: Path) -> Path:
+        seen.append(output)
+        return data.write_dataset_json(output, {"training": [{"image": "a.nii.gz"}], "validation": []})
+
+    path = data.prepare_cli(prepare, "some_bundle", "doc", argv=[])
+    assert seen == [tmp_path / "cache" / "derived" / "some_bundle"] and path == seen[0] / "dataset.json"
+    assert path.read_text().startswith('{\n    "training": [\n        {\n            "image": "a.nii.gz"')
+    assert capsys.readouterr().out.strip() == str(path)
+    assert data.prepare_cli(prepare, "some_bundle", "doc", argv=["--output", str(tmp_path / "x")]).parent == (
+        tmp_path / "x"
+    )

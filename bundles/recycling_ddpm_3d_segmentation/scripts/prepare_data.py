@@ -9,8 +9,6 @@ own pseudo-label map. Labels are TotalSegmentator model outputs, not manual anno
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 from pathlib import Path
@@ -18,7 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from diffseg.data import cache_dir, data_path, fetch, totalseg_class_map
+from diffseg.data import data_path, fetch, prepare_cli, totalseg_class_map, write_dataset_json
 
 # bundle class index → TotalSegmentator "total" class name (AMOS organs present in patients A and B)
 CLASSES = {
@@ -63,16 +61,11 @@ def prepare(output: Path) -> Path:
         "training": [{"image": "imagesTr/patient_a.nii.gz", "label": "labelsTr/patient_a.nii.gz"}],
         "validation": [{"image": str(data_path(ts + "example_ct_dicom")), "label": "labelsTs/patient_b.nii.gz"}],
     }
-    path = output / "dataset.json"
-    path.write_text(json.dumps(dataset, indent=4) + "\n")
-    return path
+    return write_dataset_json(output, dataset)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default = cache_dir() / "derived" / "recycling_ddpm_3d_segmentation"
-    parser.add_argument("--output", type=Path, default=default, help=f"dataset folder (default: {default})")
-    print(prepare(parser.parse_args().output))
+    prepare_cli(prepare, "recycling_ddpm_3d_segmentation", __doc__)
 
 
 if __name__ == "__main__":
