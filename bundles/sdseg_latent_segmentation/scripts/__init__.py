@@ -1,0 +1,1 @@
+"""Bundle code of sdseg_latent_segmentation: kl-f8 autoencoder, vision encoder, latent denoiser, training glue."""

@@ -1,0 +1,137 @@
+"""SDSeg training glue for MONAI's ``SupervisedTrainer``: the latent batch preparation, the latent-estimation loss,
+the mask-autoencoder loss and its reconstruction inferer.
+
+Latent diffusion (``train.json``)::
+
+    SupervisedTrainer(network=SDSegDenoiser, inferer=SimpleInferer(),
+                      prepare_batch=LatentPrepareBatch(scheduler, codec, latent),
+                      loss_function=LatentEstimationLoss(scheduler))
+
+The trainer calls ``denoiser(z_t, timesteps=t, image=image)`` (the vision encoder trains with the U-Net) and
+``loss(eps_hat, target)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+
+from diffseg import DiffusionScheduler, DiffusionSegPrepareBatch, MaskCodec
+
+from .network import LatentAutoencoder
+
+__all__ = [
+    "LatentEstimationLoss",
+    "LatentPrepareBatch",
+    "MaskAutoencoderLoss",
+    "MaskReconstructor",
+    "prepare_mask_batch",
+]
+
+
+class LatentPrepareBatch(DiffusionSegPrepareBatch):
+    """Noises the *latent* of the mask: z0 = scale · E(mask·2-1 repeated to 3 channels), z_t = √ᾱ z0 + √(1-ᾱ) ε.
+
+    Returns ``(z_t, target, (), {"timesteps": t, "image": image})`` with ``target`` = {``x0``: z0, ``noise``,
+    ``x_t``, ``timesteps``}. On the first call with ``scale_by_std`` the latent scale is set to 1/std of that batch's
+    latents (LDM ``scale_by_std``) and kept in ``latent.scale_factor`` (saved with the checkpoint).
+
+    Args:
+        scheduler: the training chain (t ~ Uniform{0..T-1}).
+        codec: ``BinaryCodec(3)``: label → {-1, +1}³.
+        latent: the frozen first stage.
+        scale_by_std: compute the scale on the first batch (False: keep the loaded one).
+    """
+
+    def __init__(
+        self,
+        scheduler: DiffusionScheduler,
+        codec: MaskCodec,
+        latent: LatentAutoencoder,
+        scale_by_std: bool = True,
+        image_key: str = "image",
+        label_key: str = "label",
+    ) -> None:
+        super().__init__(scheduler, codec, logits_output=False, image_key=image_key, label_key=label_key)
+        self.latent = latent
+        self.scale_pending = scale_by_std
+
+    def prepare(
+        self, image: torch.Tensor, label: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple, dict[str, torch.Tensor]]:
+        self.latent.eval()  # frozen first stage
+        raw = self.latent.raw_latent(self.codec.encode(label).to(image.dtype))
+        if self.scale_pending:
+            self.latent.set_scale_by_std(raw)
+            self.scale_pending = False
+        z0 = raw * self.latent.scale_factor
+        noise = self.get_noise(z0)
+        timesteps = self.get_timesteps(z0)
+        z_t = self.scheduler.add_noise(z0, noise, timesteps)
+        target = {"x0": z0, "noise": noise, "x_t": z_t, "timesteps": timesteps}
+        return z_t, target, (), {"timesteps": timesteps, "image": image}
+
+
+class LatentEstimationLoss(nn.Module):
+    """SDSeg loss: ``L1(ε̂, ε) + seg_weight · L1(ẑ0, z0)`` with ẑ0 = (z_t - √(1-ᾱ_t) ε̂)/√ᾱ_t (latent estimation).
+
+    Args:
+        scheduler: gives ᾱ_t (ε-prediction).
+        seg_weight: λ of the latent-estimation term (paper: 1).
+    """
+
+    def __init__(self, scheduler: DiffusionScheduler, seg_weight: float = 1.0) -> None:
+        super().__init__()
+        if scheduler.prediction_type != "epsilon":
+            raise ValueError(f"SDSeg's loss is for epsilon prediction, got {scheduler.prediction_type!r}")
+        self.scheduler, self.seg_weight = scheduler, seg_weight
+        self.last_terms: dict[str, float] = {}
+
+    def forward(self, pred: torch.Tensor, target: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """pred ε̂ (B, 4, h, w); target from :class:`LatentPrepareBatch` → scalar loss."""
+        simple = (pred - target["noise"]).abs().mean()
+        z0_hat = self.scheduler.predict_x0(pred, target["timesteps"], target["x_t"])
+        seg = (z0_hat - target["x0"]).abs().mean()
+        self.last_terms = {"simple": float(simple), "seg": float(seg)}
+        return simple + self.seg_weight * seg
+
+
+class MaskAutoencoderLoss(nn.Module):
+    """Autoencoder loss on masks: ``L1(x̂, x) + kl_weight · KL(q(z|x) ‖ N(0, I))`` (the LDM kl-f8 loss without its
+    LPIPS and GAN terms, which masks do not need).
+
+    ``pred`` is ``AutoencoderKL.forward``'s ``(reconstruction, z_mu, z_sigma)``; ``target`` the input x (B, 3, H, W).
+    """
+
+    def __init__(self, kl_weight: float = 1e-6) -> None:
+        super().__init__()
+        self.kl_weight = kl_weight
+
+    def forward(self, pred: tuple[torch.Tensor, torch.Tensor, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        recon, mu, sigma = pred
+        kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2).clamp_min(1e-12)) - 1)
+        return (recon - target).abs().mean() + self.kl_weight * kl.sum(dim=tuple(range(1, kl.ndim))).mean()
+
+
+class MaskReconstructor(nn.Module):
+    """Evaluation view of the autoencoder: x (B, 3, H, W) → reconstruction (posterior mean, no sampling)."""
+
+    def __init__(self, autoencoder: nn.Module) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.reconstruct(x)
+
+
+def prepare_mask_batch(
+    batchdata: Mapping[str, torch.Tensor],
+    device: str | torch.device | None = None,
+    non_blocking: bool = False,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Autoencoder batches: the mask in x-space (``batch["label"]``, (B, 3, H, W)) is both input and target."""
+    x = batchdata["label"].to(device, non_blocking=non_blocking, **kwargs)
+    return x, x

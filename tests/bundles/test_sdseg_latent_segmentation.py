@@ -1,0 +1,391 @@
+"""sdseg_latent_segmentation: the bundle contract, SDSeg's numbers, the kl-f8 importer, slice-wise geometry."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from bundle_testing import (
+    BUNDLES,
+    bad_volume_cases,
+    bad_volume_folder,
+    bundle_imports,
+    check_metadata,
+    check_net_in_out,
+    error_text,
+    infer_images,
+    load_config,
+    random_ct,
+    read_nifti,
+    run_bundle,
+    run_torchrun,
+    write_nifti,
+)
+from monai.networks.nets import DiffusionModelUNet
+
+BUNDLE = "sdseg_latent_segmentation"
+TINY = {
+    "ae_channels": [8, 8, 8, 8],
+    "ae_norm_num_groups": 4,
+    "unet_channels": [8, 8],
+    "unet_attention_levels": [False, True],
+    "unet_num_head_channels": 8,
+    "unet_norm_num_groups": 4,
+}
+
+
+def parsed(*ids, configs=("inference.json",), **override):
+    with bundle_imports(BUNDLE):
+        parser = load_config(BUNDLE, configs, **{**TINY, **override})
+        return [parser.get_parsed_content(i) for i in ids]
+
+
+def tiny_weights(tmp_path, **override) -> str:
+    """A random tiny network's plain state_dict (what the shipped model.pt is, at demo size)."""
+    (net,) = parsed("network_def", **override)
+    path = tmp_path / "tiny.pt"
+    torch.save({k: v.clone() for k, v in net.state_dict().items()}, path)
+    return str(path)
+
+
+def infer(tmp_path, images, configs=("inference.json",), **override):
+    ckpt = override.pop("ckpt_path", None) or tiny_weights(tmp_path)
+    return infer_images(BUNDLE, tmp_path, images, configs, **{**TINY, "ckpt_path": ckpt, **override})
+
+
+def test_metadata_and_network_contract():
+    check_metadata(BUNDLE)
+    check_net_in_out(BUNDLE, **TINY)
+
+
+def test_shipped_weights_are_a_plain_state_dict_with_the_latent_scale():
+    models = BUNDLES / BUNDLE / "models"
+    state = torch.load(models / "model.pt", weights_only=True)
+    assert all(torch.is_tensor(v) for v in state.values())
+    with bundle_imports(BUNDLE):
+        net = load_config(BUNDLE).get_parsed_content("network_def")
+    net.load_state_dict(state)  # strict: the default inference.json is the shipped network
+    scale = float(state["latent_decoder.scale_factor"])
+    assert scale > 0 and abs(scale - 1.0) > 1e-3 and abs(scale - 0.18215) > 1e-3  # set by scale_by_std
+    ae = torch.load(models / "autoencoder.pt", weights_only=True)  # the frozen first stage inside model.pt
+    for k, v in ae.items():
+        torch.testing.assert_close(state[f"latent_decoder.autoencoder.{k}"], v, rtol=0, atol=0)
+    assert (models / "model.pt").stat().st_size < 20e6
+
+
+def test_scaled_linear_schedule_values():
+    for configs in (("inference.json",), ("train.json",)):
+        (sched,) = parsed("scheduler", configs=configs)
+        acp = sched.alphas_cumprod64
+        assert acp.dtype == torch.float64 and acp.shape == (1000,)
+        assert float(acp[0]) == pytest.approx(0.9985, abs=1e-6)
+        assert float(acp[999]) == pytest.approx(6.69e-4, rel=2e-3)
+        sched.set_timesteps(1)
+        assert sched.timesteps.tolist() == [999]
+
+
+def test_latent_estimation_identity_and_loss():
+    (sched, loss) = parsed("scheduler", "loss", configs=("train.json",))
+    torch.manual_seed(0)
+    z0, eps = torch.randn(4, 4, 6, 6), torch.randn(4, 4, 6, 6)
+    t = torch.tensor([0, 10, 500, 999])
+    z_t = sched.add_noise(z0, eps, t)
+    torch.testing.assert_close(sched.predict_x0(eps, t, z_t), z0, atol=1e-4, rtol=1e-4)
+    target = {"x0": z0, "noise": eps, "x_t": z_t, "timesteps": t}
+    assert float(loss(eps, target)) == pytest.approx(0.0, abs=1e-4)
+    off = eps + 0.1
+    z0_hat = (z_t - (1 - sched.alphas_cumprod64[t]).sqrt().float().view(-1, 1, 1, 1) * off) / sched.alphas_cumprod64[
+        t
+    ].sqrt().float().view(-1, 1, 1, 1)
+    expected = 0.1 + loss.seg_weight * float((z0_hat - z0).abs().mean())
+    assert float(loss(off, target)) == pytest.approx(expected, rel=1e-4)
+    assert loss.seg_weight == 1.0
+
+
+def test_single_step_inference_is_the_closed_form():
+    """1 step: ẑ0 = (z_T − √(1−ᾱ)·ε̂)/√ᾱ at t = 999, decode, clamp((x+1)/2), mean over 3 channels."""
+    (seg,) = parsed("network_def")
+    seg.eval()
+    image = torch.rand(2, 1, 32, 48) * 2 - 1
+    scores = seg(image)
+    gen = torch.Generator().manual_seed(0)
+    z_t = torch.randn((2, 4, 4, 6), generator=gen)
+    with torch.no_grad():
+        c = seg.denoiser.vision_encoder(image)
+        eps = seg.denoiser.unet(torch.cat([z_t, c], 1), torch.full((2,), 999))
+        acp = float(seg.scheduler.alphas_cumprod64[999])
+        z0 = (z_t - (1 - acp) ** 0.5 * eps) / acp**0.5
+        fg = ((seg.latent_decoder.autoencoder.decode(z0 / seg.latent_decoder.scale_factor) + 1) / 2).clamp(0, 1)
+    torch.testing.assert_close(scores[:, 1:], fg.mean(1, keepdim=True), atol=1e-5, rtol=1e-4)
+    assert scores.shape == (2, 2, 32, 48)
+
+
+def test_zero_init_expansion_keeps_the_unconditional_output():
+    with bundle_imports(BUNDLE):
+        from scripts.network import load_zero_expanded
+
+    kw = {"spatial_dims": 2, "out_channels": 4, "channels": (8, 16), "attention_levels": (False, True)}
+    kw |= {"num_res_blocks": 1, "num_head_channels": 8, "norm_num_groups": 4}
+    torch.manual_seed(0)
+    net4, net8 = DiffusionModelUNet(in_channels=4, **kw).eval(), DiffusionModelUNet(in_channels=8, **kw).eval()
+    expanded = load_zero_expanded(net8, net4.state_dict())
+    assert expanded == ["conv_in.conv.weight"]
+    z, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 999])
+    with torch.no_grad():
+        ref = net4(z, t)
+        for cond in (torch.randn(2, 4, 8, 8), torch.full((2, 4, 8, 8), 7.0)):
+            torch.testing.assert_close(net8(torch.cat([z, cond], 1), t), ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="cannot expand"):
+        load_zero_expanded(net4, net8.state_dict())
+
+
+def test_vision_encoder_copies_the_autoencoder_encoder():
+    (ae, venc) = parsed("autoencoder_def", "vision_encoder")
+    torch.manual_seed(1)
+    for p in ae.parameters():
+        p.data.normal_()
+    venc.init_from(ae)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(venc.encoder(x), ae.encoder(x))  # 8 channels: mean ‖ log-variance
+        assert venc.encoder(x).shape == (2, 8, 4, 4) and venc(x[:, :1]).shape == (2, 4, 4, 4)
+    assert venc.proj.conv.weight.shape == (4, 8, 1, 1)
+
+
+def _diffusers_pair(channels=(8, 16, 32, 32), layers=2, groups=4):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=channels,
+        layers_per_block=layers,
+        latent_channels=4,
+        norm_num_groups=groups,
+    ).eval()
+    with bundle_imports(BUNDLE):
+        from scripts.network import KLAutoencoder
+
+        net = KLAutoencoder(channels, layers, latent_channels=4, norm_num_groups=groups).eval()
+    return ref, net
+
+
+def _check_same_outputs(ref, net):
+    x, z = torch.randn(2, 3, 32, 48), torch.randn(2, 4, 4, 6)
+    with torch.no_grad():
+        post = ref.encode(x).latent_dist
+        mu, sigma = net.encode(x)
+        torch.testing.assert_close(mu, post.mean, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sigma, post.std, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(net.decode(z), ref.decode(z).sample, atol=1e-5, rtol=1e-5)
+
+
+def _compvis_keys(state, levels):
+    """diffusers → CompVis names (the inverse of the importer's renaming, checked below against diffusers' own
+    CompVis → diffusers converter)."""
+    import re
+
+    out = {}
+    for k, v in state.items():
+        k = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2.", k)
+        k = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
+        k = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.block.", k)
+        k = re.sub(
+            r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+            lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample.",
+            k,
+        )
+        k = re.sub(r"\.mid_block\.resnets\.(\d)\.", lambda m: f".mid.block_{int(m[1]) + 1}.", k)
+        attn = re.match(r"^(\w+)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(\w+)$", k)
+        if attn:
+            name = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}[attn[2]]
+            k = f"{attn[1]}.mid.attn_1.{name}.{attn[3]}"
+            v = v[:, :, None, None] if v.ndim == 2 else v
+        k = k.replace(".conv_shortcut.", ".nin_shortcut.").replace(".conv_norm_out.", ".norm_out.")
+        out[k] = v
+    return out
+
+
+def test_autoencoder_import_from_diffusers_names_is_exact():
+    ref, net = _diffusers_pair()
+    with bundle_imports(BUNDLE):
+        from scripts.import_kl_f8 import import_checkpoint
+
+        import_checkpoint(ref.state_dict(), net)
+    _check_same_outputs(ref, net)
+
+
+def test_autoencoder_import_from_compvis_names_is_exact():
+    ref, net = _diffusers_pair()
+    single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
+    compvis = _compvis_keys(ref.state_dict(), 4)
+    compvis["loss.logvar"] = torch.zeros(())  # LDM checkpoints also hold their loss' parameters
+    back = single_file.convert_ldm_vae_checkpoint({f"first_stage_model.{k}": v for k, v in compvis.items()}, ref.config)
+    assert set(back) == set(ref.state_dict())  # our CompVis names are the ones diffusers converts
+    with bundle_imports(BUNDLE):
+        from scripts.import_kl_f8 import import_checkpoint
+
+        import_checkpoint({"state_dict": {f"first_stage_model.{k}": v for k, v in compvis.items()}}, net)
+    _check_same_outputs(ref, net)
+
+
+def test_slice_wise_volume_output_keeps_the_input_geometry(tmp_path):
+    lps = np.diag([-0.8, -0.8, 2.5, 1.0])
+    lps[:3, 3] = [40.0, 30.0, -20.0]
+    images = {
+        "a.nii.gz": (random_ct((50, 37, 7)), np.diag([3.0, 3.0, 5.0, 1.0])),
+        "b.nii": (random_ct((61, 70, 5), 1), lps),
+    }
+    out = infer(tmp_path, images)
+    for name, (array, affine) in images.items():
+        label, label_affine = read_nifti(out / f"{name.split('.')[0]}_seg.nii.gz")
+        assert label.shape == array.shape and label.dtype == np.uint8
+        np.testing.assert_allclose(label_affine, affine, atol=1e-4)
+        assert set(np.unique(label)) <= {0, 1}
+
+
+def test_2d_input_with_the_2d_override(tmp_path):
+    images = {"slice.nii.gz": (random_ct((45, 38)), np.diag([0.7, 0.7, 1.0, 1.0]))}
+    out = infer(tmp_path, images, configs=("inference.json", "inference_2d.json"))
+    label, affine = read_nifti(out / "slice_seg.nii.gz")
+    assert label.shape[:2] == (45, 38) and label.size == 45 * 38
+    np.testing.assert_allclose(affine[:2, :2], np.diag([0.7, 0.7]), atol=1e-4)
+
+
+def test_same_seed_gives_an_identical_label_file(tmp_path):
+    images = {"a.nii.gz": (random_ct((40, 40, 4)), np.diag([2.0, 2.0, 5.0, 1.0]))}
+    ckpt = tiny_weights(tmp_path)
+    (tmp_path / "1").mkdir()
+
+    def run(sub, **kw):
+        return np.asarray(nib.load(infer(tmp_path / sub, images, ckpt_path=ckpt, **kw) / "a_seg.nii.gz").dataobj)
+
+    first, second = run("1"), run("2")
+    assert np.array_equal(first, second)
+    with bundle_imports(BUNDLE):
+        seg = load_config(BUNDLE, **TINY).get_parsed_content("network_def")
+    seg.load_state_dict(torch.load(ckpt, weights_only=True))
+    image = torch.rand(1, 1, 32, 32)
+    a, b = seg(image), seg(image)
+    seg.seed = 1
+    assert torch.equal(a, b) and not torch.equal(a, seg(image))
+
+
+@pytest.mark.parametrize(("case", "match"), bad_volume_cases())
+def test_bad_inputs_fail_with_a_clear_error_naming_the_file(tmp_path, case, match):
+    target = bad_volume_folder(tmp_path, case)
+    with pytest.raises(Exception) as info:
+        infer(tmp_path, {}, dataset_dir=str(target))
+    assert match in error_text(info.value)
+
+
+def write_dataset(root, n=2):
+    """n tiny labelled volumes (a bright box = organ) and an MSD dataset.json (last one = validation)."""
+    entries = []
+    for i in range(n):
+        image, label = random_ct((40, 40, 6), i), np.zeros((40, 40, 6), np.uint8)
+        image[8:24, 10:30, 1:5], label[8:24, 10:30, 1:5] = 100, 1
+        affine = np.diag([2.0, 2.0, 4.0, 1.0])
+        write_nifti(root / f"img{i}.nii.gz", image, affine)
+        write_nifti(root / f"lab{i}.nii.gz", label, affine)
+        entries.append({"image": f"img{i}.nii.gz", "label": f"lab{i}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({"training": entries[:-1], "validation": entries[-1:]}))
+
+
+def test_autoencoder_then_diffusion_training_then_evaluation(tmp_path):
+    write_dataset(tmp_path / "data")
+    ckpt = tmp_path / "ckpt"
+    common = {
+        **TINY,
+        "dataset_dir": str(tmp_path / "data"),
+        "ckpt_dir": str(ckpt),
+        "output_dir": str(tmp_path / "eval"),
+        "patch_size": [32, 32],
+        "slices_per_volume": 2,
+    }
+    run_bundle(BUNDLE, ["train.json", "train_autoencoder.json"], ae_max_epochs=2, ae_val_interval=2, **common)
+    ae = torch.load(ckpt / "autoencoder.pt", weights_only=True)
+    assert "reconstruction" in (tmp_path / "eval" / "autoencoder" / "metrics.csv").read_text()
+    with bundle_imports(BUNDLE):
+        parser = load_config(BUNDLE, ["train.json"], max_epochs=2, val_interval=2, **common)
+        parser.get_parsed_content("prepare_networks")
+        latent, venc = parser.get_parsed_content("latent"), parser.get_parsed_content("vision_encoder")
+        init = {k: v.clone() for k, v in venc.encoder.state_dict().items()}
+        for k, v in init.items():  # initialised from the trained autoencoder's encoder
+            torch.testing.assert_close(v, ae[f"encoder.{k}"], rtol=0, atol=0)
+        seen = []
+        prepare = parser.get_parsed_content("train#prepare_batch")
+        real_call = prepare.latent.raw_latent
+        prepare.latent.raw_latent = lambda x: seen.append(real_call(x)) or seen[-1]
+        parser.get_parsed_content("train#trainer").run()
+    assert len(seen) == 2  # 2 iterations
+    assert float(latent.scale_factor) == pytest.approx(1 / float(seen[0].flatten().std()), rel=1e-5)
+    state = torch.load(ckpt / "model.pt", weights_only=True)
+    assert float(state["latent_decoder.scale_factor"]) == pytest.approx(float(latent.scale_factor))
+    for k, v in ae.items():  # frozen first stage
+        torch.testing.assert_close(state[f"latent_decoder.autoencoder.{k}"], v, rtol=0, atol=0)
+    assert any(not torch.equal(state[f"denoiser.vision_encoder.encoder.{k}"], v) for k, v in init.items())
+    run_bundle(BUNDLE, ["train.json", "evaluate.json"], ckpt_path=str(ckpt / "model.pt"), **common)
+    metrics = (tmp_path / "eval" / "steps1" / "metrics.csv").read_text()
+    for name in ("val_mean_dice", "val_hd95", "val_ece"):
+        assert name in metrics
+    configs = ["train.json", "evaluate.json", "evaluate_stability.json"]
+    run_bundle(BUNDLE, configs, ckpt_path=str(ckpt / "model.pt"), stability_seeds=[0, 1], **common)
+    report = json.loads((tmp_path / "eval" / "stability_steps1" / "stability.json").read_text())
+    assert report["seeds"] == [0, 1] and len(report["dice_vs_label_per_seed"]) == 2
+    for key in ("dice", "psnr", "ssim", "ms_ssim"):
+        assert np.isfinite(report[key])
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_demo_weights_segment_patient_b(tmp_path):
+    """The shipped weights on the real DICOM series of patient B (demo.json, what `make demo` runs)."""
+    run_bundle(BUNDLE, ["inference.json", "demo.json"], output_dir=str(tmp_path))
+    (out,) = tmp_path.glob("*_seg.nii.gz")
+    label = np.asarray(nib.load(out).dataobj)
+    assert label.shape == (512, 512, 20) and set(np.unique(label).tolist()) == {0, 1}
+    from diffseg.data import data_path
+
+    ref = nib.load(data_path("totalsegmentator/example_seg_dicom.nii.gz"))
+    assert ref.shape == label.shape
+    fraction = label.mean()
+    assert 0.02 < fraction < 0.5  # organs, not empty, not everything (pseudo-label: 0.11)
+
+
+@pytest.mark.slow
+def test_two_process_training_with_torchrun_on_cpu(tmp_path):
+    """multi_gpu_train.json: DDP with the gloo backend on CPU, 2 processes, rank 0 saves the checkpoint."""
+    write_dataset(tmp_path / "data", n=3)
+    ckpt = tmp_path / "ckpt"
+    run_bundle(
+        BUNDLE,
+        ["train.json", "train_autoencoder.json"],
+        **TINY,
+        dataset_dir=str(tmp_path / "data"),
+        ckpt_dir=str(ckpt),
+        output_dir=str(tmp_path / "ae"),
+        patch_size=[32, 32],
+        slices_per_volume=2,
+        ae_max_epochs=1,
+        ae_val_interval=0,
+    )
+    run_torchrun(
+        BUNDLE,
+        tmp_path,
+        **TINY,
+        dataset_dir=str(tmp_path / "data"),
+        ckpt_dir=str(ckpt),
+        output_dir=str(tmp_path / "out"),
+        max_epochs=1,
+        val_interval=0,
+        patch_size=[32, 32],
+        slices_per_volume=2,
+    )
+    state = torch.load(ckpt / "model.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in state) and "latent_decoder.scale_factor" in state
