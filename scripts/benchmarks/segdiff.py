@@ -1,4 +1,5 @@
-"""SegDiff (bundles/segdiff_2d_segmentation): what the G(I) cache and the batched ensemble save on one 256² image.
+"""SegDiff (bundles/segdiff_2d_segmentation): what the G(I) cache and the batched ensemble save on one image
+(256², quick: 128²).
 
 - ``segdiff_cache_speedup``: the N-sample chain with G(I) recomputed at every step for every sample ÷ with G(I)
   computed once per image (the bundle's default), both batched. Goal ≥ 3.
@@ -6,7 +7,7 @@
   Goal ≥ 1.3.
 
 The network is the bundle's shipped (CPU-sized) configuration, built from its ``inference.json``. Each run samples
-``steps`` reverse steps of the T = 100 chain (quick: 5, full: 20); ``details`` give seconds per 256² image
+``steps`` reverse steps of the T = 100 chain (quick: 3, full: 20); ``details`` give seconds per image
 extrapolated to the full T-step chain (``seconds × T / steps``; this overstates the cached run, which encodes once).
 """
 
@@ -47,8 +48,8 @@ def _bundle_network():
 @figure("segdiff")
 def segdiff(quick: bool) -> list[Figure]:
     net, uncached, t_train = _bundle_network()
-    steps, samples, repeats = (5, 9, 2) if quick else (20, 9, 3)
-    image = torch.randn(1, net.image_encoder.conv_first.in_channels, 256, 256)
+    steps, samples, repeats, size = (3, 9, 2, 128) if quick else (20, 9, 3, 256)
+    image = torch.randn(1, net.image_encoder.conv_first.in_channels, size, size)
     sched = DDPMSampler(t_train, "improved_linear_beta")
 
     def run(denoiser, samples_per_batch=None):
@@ -68,7 +69,7 @@ def segdiff(quick: bool) -> list[Figure]:
         recompute = timed(run(uncached(net)), repeats=repeats)
         sequential = timed(run(net, samples_per_batch=1), repeats=repeats)
     scale = t_train / steps
-    common = {"image": "256x256", "samples": samples, "steps_timed": steps, "T": t_train}
+    common = {"image": f"{size}x{size}", "samples": samples, "steps_timed": steps, "T": t_train}
     per_image = {
         "s_per_image_T_cached_batched": cached.median * scale,
         "s_per_image_T_uncached_batched": recompute.median * scale,

@@ -41,6 +41,7 @@ __all__ = [
     "read_nifti",
     "run_bundle",
     "run_torchrun",
+    "save_weights",
     "write_nifti",
 ]
 
@@ -117,6 +118,14 @@ def check_net_in_out(bundle: str | Path, **override: Any) -> None:
             bundle_root=str(root),
             **override,
         )
+
+
+def save_weights(net: Any, path: str | Path) -> str:
+    """Save ``net``'s plain ``{name: tensor}`` state_dict (what a shipped model.pt is) to ``path``; returns it."""
+    import torch
+
+    torch.save({k: v.clone() for k, v in net.state_dict().items()}, path)
+    return str(path)
 
 
 def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:

@@ -23,6 +23,7 @@ from bundle_testing import (
     read_nifti,
     run_bundle,
     run_torchrun,
+    save_weights,
     write_nifti,
 )
 
@@ -37,9 +38,7 @@ def tiny_weights(tmp_path, **override) -> str:
     """A random tiny network's plain state_dict (what the shipped model.pt is, at demo size)."""
     with bundle_imports(BUNDLE):
         net = load_config(BUNDLE, **{**TINY, **override}).get_parsed_content("network_def")
-    path = tmp_path / "tiny.pt"
-    torch.save({k: v.clone() for k, v in net.state_dict().items()}, path)
-    return str(path)
+    return save_weights(net, tmp_path / "tiny.pt")
 
 
 def infer(tmp_path, images: dict[str, tuple[np.ndarray, np.ndarray]], **override):

@@ -22,6 +22,7 @@ from bundle_testing import (
     read_nifti,
     run_bundle,
     run_torchrun,
+    save_weights,
     write_nifti,
 )
 from monai.networks.nets import DiffusionModelUNet
@@ -46,9 +47,7 @@ def parsed(*ids, configs=("inference.json",), **override):
 def tiny_weights(tmp_path, **override) -> str:
     """A random tiny network's plain state_dict (what the shipped model.pt is, at demo size)."""
     (net,) = parsed("network_def", **override)
-    path = tmp_path / "tiny.pt"
-    torch.save({k: v.clone() for k, v in net.state_dict().items()}, path)
-    return str(path)
+    return save_weights(net, tmp_path / "tiny.pt")
 
 
 def infer(tmp_path, images, configs=("inference.json",), **override):

@@ -1,0 +1,200 @@
+"""The analyses of paper 001 (Öttl et al.) for any diffusion bundle of this project; PNG + CSV/JSON outputs.
+
+Every analysis reads the bundle's own ``configs/train.json`` (plus ``--configs`` override files merged after it and
+``--override`` ids), its validation data (``validate#dataset``: the bundle's preprocessing of image and label, so
+``--dataset_dir`` picks an MSD-style ``dataset.json``) and its ``network_def`` (a ``diffseg.DiffusionSegmenter``)
+with the weights of ``--ckpt`` (default: the config's ``ckpt_path``).
+
+    python scripts/analyze.py fingerprint --bundle bundles/<name> --output <dir> [--timesteps "[0,250,500]"]
+    python scripts/analyze.py calibration --bundle bundles/<name> --output <dir> [--samples 9]
+    python scripts/analyze.py compare --bundle bundles/<name> --ckpt <diffusion.pt> --other_ckpt <ff.pt>
+        --other_configs "['train_feedforward.json']" --output <dir>
+    python scripts/analyze.py stability --bundle bundles/<name> --output <dir> [--seeds "[0,1,2]"]
+
+``python scripts/analyze.py <analysis> --help`` documents each one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import fire
+import torch
+from monai.transforms import ResizeWithPadOrCrop
+
+from diffseg.analysis import (
+    mask_error_curve,
+    save_curve_plot,
+    save_reliability_diagram,
+    segmentation_scores,
+    write_csv,
+)
+from diffseg.bundles import bundle_imports, bundle_parser
+from diffseg.metrics import reliability_data, seed_stability
+
+
+def _load(bundle: str, configs: Sequence[str], ckpt: str | None, override: dict | None):
+    """(segmenter, validation dataset, validation inferer, roi_size or None) of a bundle, weights loaded."""
+    root = Path(bundle).resolve()
+    with bundle_imports(root):
+        parser = bundle_parser(root, ["train.json", *configs], **(override or {}))
+        segmenter = parser.get_parsed_content("network_def").eval()
+        dataset = parser.get_parsed_content("validate#dataset")
+        inferer = parser.get_parsed_content("validate#inferer")
+        path = ckpt or parser.get_parsed_content("ckpt_path")
+        roi = parser.get_parsed_content("roi_size", default=None)
+    segmenter.load_state_dict(torch.load(path, weights_only=True))
+    return segmenter, dataset, inferer, roi
+
+
+def _items(dataset, limit: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(image (1, C, *S), label (1, 1, *S)) plain tensors of the preprocessed validation items."""
+    for i in range(len(dataset) if limit is None else min(limit, len(dataset))):
+        item = dataset[i]
+        yield torch.as_tensor(item["image"])[None].float(), torch.as_tensor(item["label"])[None]
+
+
+def _slab(image: torch.Tensor, label: torch.Tensor, roi: Sequence[int] | None, slice_axis: int | None):
+    """The slice with the most foreground along ``slice_axis`` (a 2D network on 3D data), then a centre crop/pad of
+    image and label to ``roi`` (one denoiser call on the whole input must fit in memory)."""
+    if slice_axis is not None:
+        axis = 2 + slice_axis
+        dims = [d for d in range(2, label.ndim) if d != axis]
+        best = int((label > 0).sum(dim=[0, 1, *dims]).argmax())
+        image, label = image.select(axis, best), label.select(axis, best)
+    if roi is not None:
+        crop = ResizeWithPadOrCrop(list(roi))
+        image, label = crop(image[0])[None], crop(label[0])[None]
+    return torch.as_tensor(image), torch.as_tensor(label)
+
+
+def _probs(segmenter, inferer, image: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.as_tensor(inferer(image, segmenter)).float()
+
+
+def fingerprint(
+    bundle: str,
+    output: str,
+    timesteps: Sequence[int] | None = None,
+    draws: int = 2,
+    configs: Sequence[str] = (),
+    ckpt: str | None = None,
+    roi: Sequence[int] | None = None,
+    slice_axis: int | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    override: dict | None = None,
+) -> list[dict]:
+    """Dataset fingerprint: one-call x̂0 error (MSE in {−1,+1}, Dice of x̂0) vs timestep, conditioned on the image
+    and with the image replaced by noise (E3, "unconditioned"). Writes fingerprint.csv and fingerprint.png.
+
+    Args:
+        timesteps: grid of t (default: 10 points over the training chain, t = 0 and T−1 included).
+        draws: noise draws per image and t. roi: centre crop/pad of each input (default: the config's roi_size).
+        slice_axis: for a 2D bundle on 3D volumes, the axis to take the most-foreground slice along.
+        limit: the first ``limit`` validation items only.
+    """
+    segmenter, dataset, _, roi_size = _load(bundle, configs, ckpt, override)
+    t_max = segmenter.scheduler.num_train_timesteps
+    grid = list(timesteps) if timesteps else sorted({round(i * (t_max - 1) / 9) for i in range(10)})
+    data = [_slab(i, lab, roi or roi_size, slice_axis) for i, lab in _items(dataset, limit)]
+    rows = []
+    for name, blind in (("conditioned", False), ("unconditioned", True)):
+        curve = mask_error_curve(segmenter, data, grid, draws=draws, unconditioned=blind, seed=seed)
+        rows += [{"condition": name, **row} for row in curve]
+    out = Path(output)
+    write_csv(rows, out / "fingerprint.csv")
+    curves = {c: [r for r in rows if r["condition"] == c] for c in ("conditioned", "unconditioned")}
+    save_curve_plot(curves, out / "fingerprint.png", f"{Path(bundle).name}: one-call x̂0 error vs t")
+    return rows
+
+
+def calibration(
+    bundle: str,
+    output: str,
+    samples: int = 9,
+    num_bins: int = 10,
+    configs: Sequence[str] = (),
+    ckpt: str | None = None,
+    limit: int | None = None,
+    override: dict | None = None,
+) -> dict:
+    """Reliability diagram (calibration.png) and ECE with ``num_bins`` bins of the foreground probability for an
+    N-sample ensemble (multiclass bundles: 1 − p(background) vs any foreground); calibration.json holds the per-bin
+    data, the pooled ECE and per-image Dice/IoU (and ECE for binary bundles)."""
+    segmenter, dataset, inferer, _ = _load(bundle, configs, ckpt, override)
+    segmenter.num_samples = samples
+    probs, labels, per_image = [], [], []
+    for image, label in _items(dataset, limit):
+        p = _probs(segmenter, inferer, image)
+        per_image.append(segmentation_scores(p, label, num_bins))
+        if p.shape[1] > 2:  # multiclass: calibration of "any foreground" = 1 − p(background)
+            p, label = torch.cat([p[:, :1], 1 - p[:, :1]], 1), (label > 0).long()
+        probs.append(p.flatten(2))
+        labels.append(label.flatten(2))
+    data = reliability_data(torch.cat(probs, 2), torch.cat(labels, 2), num_bins=num_bins)
+    report = {
+        "samples": samples,
+        "voxels": sum(lab.numel() for lab in labels),
+        "ece_pooled": data.ece,
+        "bins": {k: getattr(data, k).tolist() for k in ("bin_edges", "confidence", "accuracy", "counts")},
+        "per_image": per_image,
+    }
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "calibration.json").write_text(json.dumps(report, indent=4) + "\n")
+    save_reliability_diagram(data, out / "calibration.png", f"{Path(bundle).name}, N = {samples}")
+    return report
+
+
+def compare(
+    bundle: str,
+    output: str,
+    ckpt: str,
+    other_ckpt: str,
+    configs: Sequence[str] = (),
+    other_configs: Sequence[str] = (),
+    names: Sequence[str] = ("diffusion", "feed-forward"),
+    limit: int | None = None,
+    override: dict | None = None,
+) -> list[dict]:
+    """Two checkpoints of the same architecture side by side (paper 001, E1: diffusion vs feed-forward training):
+    mean Dice / IoU / ECE over the validation items → compare.csv (one row per model)."""
+    rows = []
+    for name, weights, extra in ((names[0], ckpt, configs), (names[1], other_ckpt, other_configs)):
+        segmenter, dataset, inferer, _ = _load(bundle, extra, weights, override)
+        scores = [segmentation_scores(_probs(segmenter, inferer, i), lab) for i, lab in _items(dataset, limit)]
+        rows.append({"model": name, **{k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}})
+    write_csv(rows, Path(output) / "compare.csv")
+    return rows
+
+
+def stability(
+    bundle: str,
+    output: str,
+    seeds: Sequence[int] = (0, 1, 2),
+    configs: Sequence[str] = (),
+    ckpt: str | None = None,
+    limit: int | None = None,
+    override: dict | None = None,
+) -> list[dict]:
+    """Agreement of repeated inference with different seeds: Dice of the label maps and PSNR/SSIM of the score maps,
+    mean over seed pairs, per validation item → stability.csv."""
+    segmenter, dataset, inferer, _ = _load(bundle, configs, ckpt, override)
+    rows = []
+    for index, (image, _) in enumerate(_items(dataset, limit)):
+        runs = []
+        for s in seeds:
+            segmenter.seed = int(s)
+            runs.append(_probs(segmenter, inferer, image))
+        result = seed_stability(runs)
+        rows.append({"item": index, "dice": result.dice, "psnr": result.psnr, "ssim": result.ssim})
+    write_csv(rows, Path(output) / "stability.csv")
+    return rows
+
+
+if __name__ == "__main__":
+    fire.Fire({"fingerprint": fingerprint, "calibration": calibration, "compare": compare, "stability": stability})
