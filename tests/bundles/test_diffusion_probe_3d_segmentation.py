@@ -1,0 +1,379 @@
+"""diffusion_probe_3d_segmentation: the bundle contract, the cosine schedule, frozen multi-timestep features, the
+probing head, anatomical coordinates and window-averaged features."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from bundle_testing import (
+    BUNDLES,
+    bad_volume_cases,
+    bad_volume_folder,
+    bundle_imports,
+    check_metadata,
+    check_net_in_out,
+    error_text,
+    infer_images,
+    load_config,
+    read_nifti,
+    run_bundle,
+    run_torchrun,
+    save_weights,
+    write_nifti,
+)
+from monai.data import MetaTensor
+
+BUNDLE = "diffusion_probe_3d_segmentation"
+TINY = {
+    "backbone_channels": [8, 8, 8, 8],
+    "head_dim": 8,
+    "num_heads": 1,
+    "roi_size": [32, 32, 16],
+    "pixdim": [3.0, 3.0, 3.0],
+}
+CLASSES = 13
+SPACING = np.diag([3.0, 3.0, 3.0, 1.0])
+
+
+def parsed(item: str, configs=("inference.json",), **override):
+    with bundle_imports(BUNDLE):
+        return load_config(BUNDLE, list(configs), **{**TINY, **override}).get_parsed_content(item)
+
+
+def tiny_weights(tmp_path, **override) -> str:
+    """A random tiny segmenter's plain state_dict (what the shipped model.pt is, at demo size)."""
+    net = parsed("network_def", **override)
+    return save_weights(net, tmp_path / "tiny.pt")
+
+
+def ct(shape, seed=0) -> np.ndarray:
+    """Air around a 'body' of random soft tissue: the body box is the inner region."""
+    rng = np.random.default_rng(seed)
+    array = np.full(shape, -1000.0, np.float32)
+    inner = tuple(slice(2, s - 2) for s in shape)
+    array[inner] = rng.uniform(-200, 300, array[inner].shape)
+    return array
+
+
+def infer(tmp_path, images, **override):
+    ckpt = override.pop("ckpt_path", None) or tiny_weights(tmp_path)
+    return infer_images(BUNDLE, tmp_path, images, **{**TINY, "ckpt_path": ckpt, **override})
+
+
+# ---- contract --------------------------------------------------------------------------------------------------------
+def test_metadata_and_network_contract():
+    check_metadata(BUNDLE)
+    check_net_in_out(BUNDLE, **TINY)
+
+
+def test_shipped_weights_are_a_plain_state_dict_of_backbone_and_head():
+    path = BUNDLES / BUNDLE / "models" / "model.pt"
+    state = torch.load(path, weights_only=True)
+    assert all(torch.is_tensor(v) for v in state.values()) and path.stat().st_size < 20e6
+    assert any(k.startswith("extractor.backbone.") for k in state) and any(k.startswith("head.") for k in state)
+    with bundle_imports(BUNDLE):
+        net = load_config(BUNDLE).get_parsed_content("network_def")
+    net.load_state_dict(state)  # strict: the default inference.json is the shipped network
+    backbone = torch.load(BUNDLES / BUNDLE / "models" / "backbone.pt", weights_only=True)
+    for key, value in backbone.items():  # the probe was trained on the shipped pretrained backbone
+        torch.testing.assert_close(state["extractor.backbone." + key], value)
+
+
+def test_folder_inference_keeps_the_original_geometry(tmp_path):
+    lps = np.diag([-3.0, -2.5, 4.0, 1.0])
+    lps[:3, 3] = [40.0, 30.0, -20.0]
+    images = {"a.nii.gz": (ct((40, 30, 12)), SPACING), "b.nii": (ct((23, 33, 9), 1), lps)}
+    out = infer(tmp_path, images)
+    for name, (array, affine) in images.items():
+        label, label_affine = read_nifti(out / f"{name.split('.')[0]}_seg.nii.gz")
+        assert label.shape == array.shape and label.dtype == np.uint8
+        np.testing.assert_allclose(label_affine, affine, atol=1e-4)
+        assert set(np.unique(label)) <= set(range(CLASSES))
+
+
+def test_same_seed_gives_an_identical_label_file(tmp_path):
+    images = {"a.nii.gz": (ct((40, 40, 20)), SPACING)}
+    ckpt = tiny_weights(tmp_path)
+    first = infer(tmp_path / "1", images, ckpt_path=ckpt)
+    second = infer(tmp_path / "2", images, ckpt_path=ckpt)
+    a, b = (np.asarray(nib.load(f / "a_seg.nii.gz").dataobj) for f in (first, second))
+    assert np.array_equal(a, b)
+
+
+def test_seeded_noise_makes_the_segmenter_deterministic_and_the_seed_matters():
+    net = parsed("network_def").eval()
+    x = torch.rand(1, 4, 32, 32, 16) * 2 - 1
+    torch.testing.assert_close(net(x), net(x), rtol=0, atol=0)
+    other = parsed("network_def", **{"displayable_configs#seed": 1}).eval()
+    other.load_state_dict(net.state_dict())
+    assert (other(x) - net(x)).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize(("case", "match"), bad_volume_cases())
+def test_bad_inputs_fail_with_a_clear_error_naming_the_file(tmp_path, case, match):
+    target = bad_volume_folder(tmp_path, case)
+    with pytest.raises(Exception) as info:
+        infer(tmp_path, {}, dataset_dir=str(target))
+    assert match in error_text(info.value)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+# ---- paper facts -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("configs", [["pretrain.json"], ["inference.json"], ["train.json"]])
+def test_cosine_schedule_noise_std_at_the_probing_timesteps(configs):
+    scheduler = parsed("scheduler", configs)
+    assert scheduler.num_train_timesteps == 300 and scheduler.prediction_type == "epsilon"
+    std = (1 - scheduler.alphas_cumprod64[[10, 30, 60]]).sqrt()
+    np.testing.assert_allclose(std.numpy(), [0.068, 0.172, 0.323], atol=6e-4)
+    if configs != ["pretrain.json"]:
+        assert parsed("times", configs) == [10, 30, 60]
+
+
+def test_pretraining_uses_monai_diffusion_glue_and_saves_the_backbone(tmp_path):
+    write_dataset(tmp_path / "data")
+    common = {**TINY, "dataset_dir": str(tmp_path / "data"), "ckpt_dir": str(tmp_path / "ckpt"),
+              "output_dir": str(tmp_path / "out"), "patch_size": [32, 32, 16], "cache_rate": 0.0}  # fmt: skip
+    with bundle_imports(BUNDLE):
+        parser = load_config(BUNDLE, ["pretrain.json"], max_epochs=1, **common)
+        trainer = parser.get_parsed_content("pretrain#trainer")
+        calls = []
+        trainer.network.register_forward_hook(
+            lambda m, args, kwargs, out: calls.append((args, kwargs)), with_kwargs=True
+        )
+        before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+        trainer.run()
+    assert type(trainer.prepare_batch).__name__ == "DiffusionPrepareBatch"
+    assert isinstance(trainer.loss_function, nn.SmoothL1Loss)
+    x, context = calls[0][1]["x"], calls[0][1]["context"]
+    assert x.shape == (4, 1, 32, 32, 16) and context.shape == (4, 3, 32, 32, 16)  # 4 patches: noisy image + coords
+    saved = torch.load(tmp_path / "ckpt" / "backbone.pt", weights_only=True)
+    assert saved.keys() == before.keys() and any(not torch.equal(before[k], saved[k]) for k in saved)
+    unguided = parsed("backbone", ["pretrain.json", "no_guidance.json"])
+    assert unguided.in_channels == 1
+
+
+# ---- features and head -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("times", [[10], [10, 30, 60]])
+def test_pyramid_channels_times_len_times_reach_the_head(times):
+    net = parsed("network_def", times=times).eval()
+    seen = []
+    net.head.register_forward_pre_hook(lambda m, args: seen.append([tuple(f.shape) for f in args[0]]))
+    out = net(torch.rand(1, 4, 32, 32, 16))
+    assert out.shape == (1, CLASSES, 32, 32, 16)
+    levels = net.backbone.pyramid_channels  # coarse to fine
+    assert levels == TINY["backbone_channels"][::-1]
+    sizes = [(4, 4, 2), (8, 8, 4), (16, 16, 8), (32, 32, 16)]
+    assert seen == [[(1, c * len(times), *s) for c, s in zip(levels, sizes, strict=True)]]
+
+
+def test_linear_head_is_linear_in_the_features():
+    net = parsed("network_def", head="linear")
+    pyramid = [
+        torch.randn(1, c, *s)
+        for c, s in zip(net.extractor.channels, [(2, 2, 2), (4, 4, 4), (8, 8, 8), (16, 16, 16)], strict=False)
+    ]
+    bias = net.head([torch.zeros_like(f) for f in pyramid])
+    torch.testing.assert_close(net.head([2 * f for f in pyramid]) - bias, 2 * (net.head(pyramid) - bias))
+
+
+def write_dataset(root, n=2):
+    """n tiny labelled CTs (a bright box = class 5 'liver', a dark box = class 1 'spleen') and an MSD dataset.json."""
+    entries = []
+    for i in range(n):
+        image, label = ct((40, 40, 20), i), np.zeros((40, 40, 20), np.uint8)
+        image[8:20, 8:20, 4:12], label[8:20, 8:20, 4:12] = 300, 5
+        image[24:34, 20:30, 8:16], label[24:34, 20:30, 8:16] = -100, 1
+        write_nifti(root / f"img{i}.nii.gz", image, SPACING)
+        write_nifti(root / f"lab{i}.nii.gz", label, SPACING)
+        entries.append({"image": f"img{i}.nii.gz", "label": f"lab{i}.nii.gz"})
+    dataset = {"training": entries, "validation": entries[:1], "pretraining": [{"image": e["image"]} for e in entries]}
+    (root / "dataset.json").write_text(json.dumps(dataset))
+
+
+def train_common(tmp_path, backbone: str) -> dict:
+    return {**TINY, "dataset_dir": str(tmp_path / "data"), "ckpt_dir": str(tmp_path / "ckpt"),
+            "output_dir": str(tmp_path / "eval"), "patch_size": [32, 32, 16], "cache_rate": 0.0,
+            "backbone_ckpt": backbone}  # fmt: skip
+
+
+@pytest.mark.parametrize("feature_cache", [False, True])
+def test_head_training_leaves_the_backbone_frozen(tmp_path, feature_cache):
+    write_dataset(tmp_path / "data", n=1)
+    backbone = tmp_path / "backbone.pt"
+    torch.save(parsed("backbone").state_dict(), backbone)
+    with bundle_imports(BUNDLE):
+        parser = load_config(BUNDLE, ["train.json"], max_epochs=2, val_interval=0, feature_cache=feature_cache,
+                             **train_common(tmp_path, str(backbone)))  # fmt: skip
+        trainer = parser.get_parsed_content("train#trainer")
+        segmenter = parser.get_parsed_content("network")
+        modes = []
+        pyramid = segmenter.backbone.pyramid  # the extractor calls pyramid(), not forward(): spy on it
+
+        def spy(*args, **kwargs):
+            modes.append((segmenter.backbone.training, torch.is_grad_enabled()))
+            return pyramid(*args, **kwargs)
+
+        segmenter.backbone.pyramid = spy
+        before = {k: v.clone() for k, v in segmenter.state_dict().items()}
+        trainer.run()
+    assert modes and all(mode == (False, False) for mode in modes)  # eval mode, no graph through the backbone
+    assert all(p.grad is None for p in segmenter.backbone.parameters())
+    after = segmenter.state_dict()
+    loaded = torch.load(backbone, weights_only=True)
+    for key, value in loaded.items():  # the pretrained weights were loaded and stayed unchanged
+        torch.testing.assert_close(after["extractor.backbone." + key], value, rtol=0, atol=0)
+    assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith("head."))
+
+
+def test_random_backbone_control_skips_the_pretrained_weights(tmp_path):
+    write_dataset(tmp_path / "data", n=1)
+    data = {"dataset_dir": str(tmp_path / "data")}
+    configs = ["train.json", "random_backbone.json"]
+    handlers = parsed("train#handlers", configs, backbone_ckpt="/nowhere/backbone.pt", **data)
+    assert not any(type(h).__name__ == "CheckpointLoader" for h in handlers)
+    assert any(type(h).__name__ == "CheckpointLoader" for h in parsed("train#handlers", ["train.json"], **data))
+    assert parsed("times", ["train.json", "times_100.json"]) == [100]
+
+
+def test_two_training_iterations_then_evaluate(tmp_path):
+    write_dataset(tmp_path / "data")
+    backbone = tmp_path / "backbone.pt"
+    torch.save(parsed("backbone").state_dict(), backbone)
+    common = train_common(tmp_path, str(backbone))
+    run_bundle(BUNDLE, ["train.json"], max_epochs=1, val_interval=1, **common)  # 2 volumes = 2 iterations
+    state = torch.load(tmp_path / "ckpt" / "model.pt", weights_only=True)
+    assert all(torch.is_tensor(v) for v in state.values()) and any(k.startswith("head.") for k in state)
+    run_bundle(BUNDLE, ["train.json", "evaluate.json"], ckpt_path=str(tmp_path / "ckpt" / "model.pt"), **common)
+    metrics = (tmp_path / "eval" / "metrics.csv").read_text()
+    for name in ("val_mean_dice", "val_hd95", "val_ece"):
+        assert name in metrics
+    per_class = (tmp_path / "eval" / "val_mean_dice_raw.csv").read_text().splitlines()
+    assert per_class[0].startswith("filename,class0") and len(per_class[0].split(",")) == CLASSES + 1
+
+
+# ---- coordinates -----------------------------------------------------------------------------------------------------
+def coordinates(array: np.ndarray, affine: np.ndarray, **kwargs) -> torch.Tensor:
+    with bundle_imports(BUNDLE):
+        from scripts.coordinates import BodyCoordinatesd
+
+        image = MetaTensor(torch.as_tensor(array)[None], affine=torch.as_tensor(affine))
+        return BodyCoordinatesd("image", **kwargs)({"image": image})["coords"]
+
+
+def test_coordinates_follow_the_affine_when_the_orientation_flips():
+    array = ct((20, 16, 12))
+    array[3:9, 4:12, 2:10] = 500  # an asymmetric structure
+    coords = coordinates(array, SPACING)
+    assert coords.shape == (3, 20, 16, 12)
+    assert float(coords[0, 2].mean()) == pytest.approx(-1.0) and float(coords[0, -3].mean()) == pytest.approx(1.0)
+    # the same anatomy stored flipped along the first axis (x decreasing): the coordinates flip with it
+    flipped = SPACING.copy()
+    flipped[0, 0], flipped[0, 3] = -3.0, 3.0 * 19
+    torch.testing.assert_close(coordinates(array[::-1].copy(), flipped), coords.flip(1))
+    # the same array with a flipped affine is a mirrored patient: its x coordinates run the other way
+    torch.testing.assert_close(coordinates(array, flipped)[0], -coords[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(coordinates(array, flipped)[1:], coords[1:])
+
+
+def test_external_coordinate_maps_are_loaded_per_image_and_resampled(tmp_path):
+    image_path = write_nifti(tmp_path / "img" / "case.nii.gz", ct((10, 8, 6)), SPACING)
+    regressor = np.stack(np.meshgrid(*(np.linspace(0, 1, s) for s in (5, 4, 3)), indexing="ij"), -1)  # (5, 4, 3, 3)
+    write_nifti(tmp_path / "maps" / "case.nii.gz", regressor.astype(np.float32), np.diag([6.0, 6.0, 6.0, 1.0]))
+    with bundle_imports(BUNDLE):
+        from monai.transforms import EnsureChannelFirstd, LoadImaged
+        from scripts.coordinates import BodyCoordinatesd
+
+        data = EnsureChannelFirstd("image")(LoadImaged("image")({"image": str(image_path)}))
+        out = BodyCoordinatesd("image", source="file", coords_dir=tmp_path / "maps", concat=True)(data)
+        assert out["image"].shape == (4, 10, 8, 6)
+        assert float(out["image"][1, 0, 0, 0]) == pytest.approx(0.0) and float(out["image"][1, 8, 0, 0]) > 0.9
+        with pytest.raises(FileNotFoundError, match="case.nii.gz"):
+            BodyCoordinatesd("image", source="file", coords_dir=tmp_path / "nowhere")(data)
+        with pytest.raises(ValueError, match="coords_dir"):
+            BodyCoordinatesd("image", source="file")
+
+
+# ---- window-averaged features ----------------------------------------------------------------------------------------
+def per_voxel_backbone(in_channels: int, channels=(6, 5, 4, 3)) -> nn.Module:
+    """A pyramid whose finest level at voxel v depends only on the input at v (and t); coarser levels are block
+    averages of it, so features of divisor-aligned windows equal those of the whole volume."""
+    with bundle_imports(BUNDLE):
+        from scripts.backbone import PyramidBackbone
+
+    class PerVoxelBackbone(PyramidBackbone):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.channels = list(channels)
+            self.pointwise = nn.ModuleList(nn.Conv3d(in_channels, c, 1) for c in channels)
+            self.time = nn.Embedding(300, 1)
+
+        def pyramid(self, x, timesteps, context=None):
+            x = torch.cat([x, context], 1) if context is not None else x
+            t = self.time(timesteps)[:, :, None, None, None]
+            maps = [torch.tanh(conv(x) + t) for conv in self.pointwise]
+            return [F.avg_pool3d(maps[i], 2**i) if i else maps[i] for i in reversed(range(len(maps)))]
+
+    return PerVoxelBackbone()
+
+
+def test_window_averaged_features_equal_whole_volume_features():
+    """A volume larger than the window (3×3×2 windows of 16³ at overlap 0.5): same features, uniform averaging."""
+    net = parsed("network_def", roi_size=[16, 16, 16], **{"displayable_configs#sw_overlap": 0.5}).eval()
+    net.extractor.backbone = per_voxel_backbone(4)
+    x = torch.rand(1, 4, 32, 32, 24) * 2 - 1
+    noise = net.draw_noise(x)
+    windowed = net.features(x, noise)
+    whole = net.extractor(x, noise)
+    assert [f.shape[1] for f in whole] == [3 * c for c in (3, 4, 5, 6)]  # channels × len(times), coarse to fine
+    for w, h in zip(windowed, whole, strict=True):
+        torch.testing.assert_close(w, h, atol=1e-5, rtol=1e-5)
+    net.overlap = 0.25  # steps of 12 voxels would cut coarse levels between voxels: rounded down to 8
+    for w, h in zip(net.features(x, noise), whole, strict=True):
+        torch.testing.assert_close(w, h, atol=1e-5, rtol=1e-5)
+    net.roi_size = [12, 16, 16]
+    with pytest.raises(ValueError, match="multiple of the backbone's size divisor 8"):
+        net.features(x, noise)
+
+
+# ---- end to end ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.data
+def test_demo_weights_segment_patient_b(tmp_path):
+    """The shipped weights on the real DICOM series of patient B (demo.json, what `make demo` runs)."""
+    run_bundle(BUNDLE, ["inference.json", "demo.json"], output_dir=str(tmp_path))
+    (out,) = tmp_path.glob("*_seg.nii.gz")
+    label = nib.load(out)
+    assert label.shape == (512, 512, 20)
+    values, counts = np.unique(np.asarray(label.dataobj), return_counts=True)
+    assert set(values.tolist()) <= set(range(CLASSES)) and {0, 5}.issubset(set(values.tolist()))
+    assert counts[values.tolist().index(5)] > 50_000  # liver (pseudo-label: 367k voxels)
+
+
+@pytest.mark.slow
+def test_two_process_training_with_torchrun_on_cpu(tmp_path):
+    """multi_gpu_train.json: DDP with the gloo backend on CPU, 2 processes, rank 0 saves the checkpoint."""
+    write_dataset(tmp_path / "data", n=2)
+    backbone = tmp_path / "backbone.pt"
+    torch.save(parsed("backbone").state_dict(), backbone)
+    run_torchrun(
+        BUNDLE,
+        tmp_path,
+        **TINY,
+        dataset_dir=str(tmp_path / "data"),
+        ckpt_dir=str(tmp_path / "ckpt"),
+        output_dir=str(tmp_path / "out"),
+        max_epochs=1,
+        patch_size=[32, 32, 16],
+        val_interval=0,
+        cache_rate=0,
+        backbone_ckpt=str(backbone),
+    )
+    state = torch.load(tmp_path / "ckpt" / "model.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in state) and any(k.startswith("head.") for k in state)
