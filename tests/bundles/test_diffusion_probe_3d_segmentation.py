@@ -233,7 +233,7 @@ def test_head_training_leaves_the_backbone_frozen(tmp_path, feature_cache):
 
 def test_random_backbone_control_skips_the_pretrained_weights(tmp_path):
     write_dataset(tmp_path / "data", n=1)
-    data = {"dataset_dir": str(tmp_path / "data")}
+    data = {"dataset_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "eval")}  # handlers write logs there
     configs = ["train.json", "random_backbone.json"]
     handlers = parsed("train#handlers", configs, backbone_ckpt="/nowhere/backbone.pt", **data)
     assert not any(type(h).__name__ == "CheckpointLoader" for h in handlers)
