@@ -2,7 +2,7 @@
 PYTHON ?= python
 PYTEST_ARGS ?=
 
-.PHONY: install data demo test lint
+.PHONY: install data demo test lint monailabel-env test-monailabel
 
 install:  ## the pinned stack + the diffseg package (pip install -r requirements.txt)
 	$(PYTHON) -m pip install -r requirements.txt
@@ -17,11 +17,31 @@ demo: data  ## the main job: every bundle segments its real demo image(s) with i
 			--meta_file $$b/configs/metadata.json --logging_file $$b/configs/logging.conf \
 			--bundle_root $$b --output_dir demo_output/$$n || exit 1; \
 	done
+	@echo "== folder CLI: recycling_ddpm_3d_segmentation on patient B (DICOM) + patient A (NIfTI) -> demo_output/segment"
+	$(PYTHON) scripts/segment.py --bundle bundles/recycling_ddpm_3d_segmentation --output demo_output/segment \
+		--input "$$($(PYTHON) scripts/fetch_data.py --path totalsegmentator/example_ct_dicom),$$($(PYTHON) scripts/fetch_data.py --path totalsegmentator/example_ct_sm.nii.gz)" \
+		--formats nifti,dicom_seg,png --resume
 
 lint: install
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 
-test: data lint  ## the README test command; .ci/run calls exactly this
+test: data lint test-monailabel  ## the README test command; .ci/run calls exactly this
 	$(PYTHON) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5)"; exit 0; fi; exit $$rc
+
+# The MONAI Label app's own environment (torch 2.14.1 + torchvision): built once, rebuilt when its pins change.
+ML_VENV ?= .venv-monailabel
+ML_REQUIREMENTS = requirements-monailabel.txt requirements-monailabel-nodeps.txt requirements-bundles.txt pyproject.toml
+
+$(ML_VENV)/.installed: $(ML_REQUIREMENTS)
+	$(PYTHON) -m venv $(ML_VENV)
+	$(ML_VENV)/bin/python -m pip install -r requirements-monailabel.txt
+	$(ML_VENV)/bin/python -m pip install --no-deps -r requirements-monailabel-nodeps.txt
+	touch $@
+
+monailabel-env: $(ML_VENV)/.installed  ## the MONAI Label environment .venv-monailabel (idempotent)
+
+test-monailabel: data monailabel-env  ## the MONAI Label app against a real server (tests/monailabel, in .venv-monailabel)
+	$(ML_VENV)/bin/python -m pytest tests/monailabel $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no MONAI Label tests (exit 5)"; exit 0; fi; exit $$rc

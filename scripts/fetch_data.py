@@ -1,6 +1,7 @@
 """Fetch the real demo data (medical images shipped in PyPI packages) into the data cache.
 
     python scripts/fetch_data.py [--cache_dir DIR] [--sources totalsegmentator,stardist] [--force] [--list]
+    python scripts/fetch_data.py --path totalsegmentator/example_ct_dicom    # print a cached file's path
 
 Idempotent and checksummed; see diffseg/data.py. The cache defaults to $DIFFSEG_DATA_DIR, else
 $XDG_CACHE_HOME/diffseg, else ~/.cache/diffseg; --cache_dir wins over all of them.
@@ -53,15 +54,19 @@ def main(
     force: bool = False,
     list: bool = False,  # noqa: A002 - the flag is --list
     verbose: bool = False,
+    path: str | None = None,
 ) -> None:
-    """Fetch data sources (default: all) into the cache; --list shows what is there; --force re-downloads."""
+    """Fetch data sources (default: all) into the cache; --list shows what is there; --force re-downloads;
+    --path REL prints the absolute path of a cached file or folder (for shell commands; fetches nothing)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
-        if list:
+        if path is not None:
+            print(data.data_path(path, cache_dir))
+        elif list:
             _list(cache_dir)
         else:
             data.fetch(sources=sources, cache=cache_dir, force=force)
-    except (data.FetchError, ValueError, OSError) as e:
+    except (data.FetchError, ValueError, OSError) as e:  # FileNotFoundError: --path of a file not cached
         print(f"fetch_data: error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, ValueError) else 1)
 

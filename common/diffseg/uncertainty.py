@@ -23,9 +23,12 @@ class Uncertainty(NamedTuple):
 def sample_std(samples: torch.Tensor) -> torch.Tensor:
     """Per-voxel, per-class standard deviation of probabilities across samples: (B, N, C, *S) → (B, C, *S).
 
-    Population std (divides by N); 0 for a single sample.
+    Population std (divides by N); exactly 0 where all samples agree. Computed from the deviations d from the first
+    sample (shifted data: var = E[d²] − E[d]²), the same value as ``samples.std(dim=1, correction=0)`` to float32
+    round-off and about 5× faster on the CPU: ``torch.std`` over a middle axis took 0.5 s for (1, N, 8, 160, 128, 32).
     """
-    return samples.std(dim=1, correction=0)
+    d = samples - samples[:, :1]
+    return (d.square().mean(dim=1) - d.mean(dim=1).square()).clamp_min(0).sqrt()
 
 
 def predictive_entropy(probs: torch.Tensor) -> torch.Tensor:

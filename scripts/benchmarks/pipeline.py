@@ -3,6 +3,9 @@
 - ``pipeline_overhead``: wall time of the bundle's own folder inference (``monai.bundle`` workflow of
   ``inference.json``: read, preprocess, sample, invert, write) over ≥ 4 volumes ÷ the summed time spent inside the
   denoiser network's forward calls. Goal ≤ 1.15.
+- ``segment_overhead``: the same for the deployment CLI (``diffseg.deploy.segment_folder``, what
+  ``scripts/segment.py`` runs: the next case read while the current one samples; NIfTI + overlay PNG written).
+  Goal ≤ 1.15.
 - ``onnxruntime_speedup``: one denoiser call (shipped weights) in eager torch ÷ the same call in ONNX Runtime
   (CPUExecutionProvider, same thread count), exported with ``torch.onnx.export(dynamo=True)``. Goal ≥ 1.5.
 """
@@ -20,6 +23,7 @@ from monai.bundle import ConfigWorkflow
 
 from benchmarks import Figure, Timing, figure, ratio, timed
 from diffseg.bundles import bundle_imports
+from diffseg.deploy import load_bundle, segment_folder
 
 from .recycling import BUNDLE, _parsed
 
@@ -57,6 +61,17 @@ def _folder_run(folder: Path, out: Path) -> tuple[float, float]:
     return wall, clock.seconds
 
 
+def _segment_run(folder: Path, out: Path) -> tuple[float, float]:
+    """(wall seconds of ``segment_folder`` on ``folder``, seconds inside the U-Net) with the shipped weights."""
+    model = load_bundle(BUNDLE)
+    clock = _ForwardClock(model.network.denoiser.net)
+    start = time.perf_counter()
+    manifest = segment_folder(model, folder, out, ("nifti", "png"), progress=False)
+    wall = time.perf_counter() - start
+    assert all(c["status"] == "ok" for c in manifest["cases"]), manifest
+    return wall, clock.seconds
+
+
 @figure("pipeline")
 def pipeline_figures(quick: bool) -> list[Figure]:
     """Folder inference ÷ denoiser time over 4 volumes; eager ÷ ONNX Runtime per denoiser call."""
@@ -70,8 +85,11 @@ def pipeline_figures(quick: bool) -> list[Figure]:
             array = rng.uniform(-1000, 400, shape).astype(np.float32)
             nib.save(nib.Nifti1Image(array, np.diag([1.5, 1.5, 5.0, 1.0])), folder / f"case{i}.nii.gz")
         runs = [_folder_run(folder, Path(tmp) / f"out{r}") for r in range(1 if quick else 2)]
-    wall, network = Timing([w for w, _ in runs]), Timing([n for _, n in runs])
-    figures.append(ratio("pipeline_overhead", wall, network, 1.15, higher_is_better=False, volumes=4, shape=shape))
+        wall, network = Timing([w for w, _ in runs]), Timing([n for _, n in runs])
+        figures.append(ratio("pipeline_overhead", wall, network, 1.15, higher_is_better=False, volumes=4, shape=shape))
+        cli = [_segment_run(folder, Path(tmp) / f"cli{r}") for r in range(1 if quick else 2)]
+        wall, network = Timing([w for w, _ in cli]), Timing([n for _, n in cli])
+        figures.append(ratio("segment_overhead", wall, network, 1.15, higher_is_better=False, volumes=4, shape=shape))
 
     import onnxruntime as ort
 

@@ -31,3 +31,10 @@ def test_image_score_ranks_the_more_uncertain_image_first():
     assert image_score(maps, "std")[0].item() == 0.0
     with pytest.raises(ValueError, match="measure='mi'"):
         image_score(maps, "mi")
+
+
+def test_std_equals_torch_std_and_is_exactly_zero_where_samples_agree():
+    samples = torch.rand(2, 5, 3, 4, 6, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sample_std(samples), samples.std(dim=1, correction=0), atol=1e-6, rtol=0)
+    same = torch.rand(1, 1, 3, 8).expand(1, 4, 3, 8)
+    assert sample_std(same).abs().max().item() == 0.0 and sample_std(samples[:, :1]).abs().max().item() == 0.0

@@ -47,3 +47,13 @@ def test_cli_error_exits_nonzero_without_traceback(tmp_path: Path) -> None:
 
 def test_scripts_is_not_a_package() -> None:
     assert not (REPO / "scripts" / "__init__.py").exists()
+
+
+def test_cli_path_prints_a_cached_path_and_fails_clearly_for_a_missing_one(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    (cache / "stardist").mkdir(parents=True)
+    (cache / "stardist" / "img2d.tif").write_bytes(b"x")
+    found = _cli("--path", "stardist/img2d.tif", cache=cache)
+    assert found.returncode == 0 and found.stdout.strip() == str(cache / "stardist" / "img2d.tif")
+    missing = _cli("--path", "stardist/other.tif", cache=cache)
+    assert missing.returncode == 1 and "is not in the data cache" in missing.stderr and not missing.stdout
