@@ -127,3 +127,37 @@ def test_export_of_a_bundle_without_a_denoiser_is_refused(tmp_path):
         export.main(str(BUNDLES / "diffusion_probe_3d_segmentation"), str(tmp_path / "x.onnx"))
     with pytest.raises(SystemExit, match="expected one of"):
         export.main(str(BUNDLE), str(tmp_path / "x.onnx"), format="tflite")
+
+
+SDSEG = BUNDLES / "sdseg_latent_segmentation"
+SDSEG_TINY = {
+    "ae_channels": [8, 8, 8, 8],
+    "ae_norm_num_groups": 4,
+    "unet_channels": [8, 8],
+    "unet_attention_levels": [False, True],
+    "unet_num_head_channels": 8,
+    "unet_norm_num_groups": 4,
+}
+
+
+@pytest.mark.slow
+def test_sdseg_single_step_sampler_exports_with_the_latent_decoder(tmp_path):
+    with bundle_imports(SDSEG):
+        net = load_config(SDSEG.name, **SDSEG_TINY).get_parsed_content("network_def")
+    tiny = {**SDSEG_TINY, "ckpt_path": save_weights(net, tmp_path / "tiny.pt")}
+    paths = export.main(str(SDSEG), str(tmp_path / "sdseg.onnx"), overrides=tiny, shape=(64, 64))
+    assert len(paths) == 2  # one step: the sampler graph too
+    model = load_bundle(SDSEG, overrides=tiny)
+    segmenter = model.network
+    assert segmenter.num_inference_steps == 1 and noisy_steps(segmenter) == []  # SDSeg: x̂0 from t = 999, no noise
+    image = torch.rand(1, 1, 96, 64)
+    with torch.no_grad():
+        expected = segmenter.predict(image).samples[:, 0].numpy()
+    noise, step_noise = sampler_noise(segmenter, image, seed=segmenter.seed)
+    assert noise.shape == (1, 4, 12, 8) and step_noise.shape[0] == 0  # latents at 1/8
+    session = ort.InferenceSession(paths[1], providers=["CPUExecutionProvider"])
+    feed = {"image": image.numpy(), "noise": noise.numpy()}
+    feed.update({"step_noise": step_noise.numpy()} if "step_noise" in [i.name for i in session.get_inputs()] else {})
+    (probs,) = session.run(None, feed)
+    assert probs.shape == expected.shape == (1, 2, 96, 64)
+    assert np.abs(probs - expected).max() < PROB_ATOL
