@@ -19,6 +19,7 @@ sys.path[:0] = [
 import export  # noqa: E402
 import segment  # noqa: E402
 from bundle_testing import BUNDLES, bundle_imports, load_config, random_ct, read_nifti, save_weights, write_nifti  # noqa: E402
+from test_sdseg_latent_segmentation import TINY as SDSEG_TINY  # noqa: E402
 
 from diffseg.deploy import load_bundle, segment_folder, use_onnxruntime  # noqa: E402
 from diffseg.export import OrtDenoiser, UnrolledSampler, noisy_steps, sampler_noise  # noqa: E402
@@ -130,14 +131,6 @@ def test_export_of_a_bundle_without_a_denoiser_is_refused(tmp_path):
 
 
 SDSEG = BUNDLES / "sdseg_latent_segmentation"
-SDSEG_TINY = {
-    "ae_channels": [8, 8, 8, 8],
-    "ae_norm_num_groups": 4,
-    "unet_channels": [8, 8],
-    "unet_attention_levels": [False, True],
-    "unet_num_head_channels": 8,
-    "unet_norm_num_groups": 4,
-}
 
 
 @pytest.mark.slow
