@@ -6,6 +6,8 @@ uncertainty + overlay PNG + manifest out.
     python scripts/segment.py --bundle … --input … --output … --formats nifti,dicom_seg,uncertainty,png \\
         --steps 5 --samples 3 --seed 0 --resume
     python scripts/segment.py --bundle … --runtime onnxruntime [--onnx denoiser.onnx]   # ONNX Runtime denoiser
+    python scripts/segment.py --bundle bundles/segdiff_2d_segmentation --configs inference.json,inference_slices.json \
+        --input volumes/ --output seg/                                                 # a bundle's config variant
     torchrun --nproc_per_node=2 scripts/segment.py --bundle … --input … --output …     # cases sharded by rank
 
 The bundle's own configs/inference.json defines preprocessing, network, inferer and postprocessing (see
@@ -44,6 +46,7 @@ def main(
     onnx: str | None = None,
     resume: bool = False,
     overrides: dict | None = None,
+    configs: str | tuple[str, ...] = "inference.json",
     quiet: bool = False,
 ) -> int:
     """Segment every case under ``input`` with ``bundle``; outputs and manifest.json in ``output``.
@@ -59,6 +62,8 @@ def main(
         onnx: an exported denoiser step (scripts/export.py) for --runtime onnxruntime.
         resume: skip cases whose manifest entry is "ok" and whose outputs exist.
         overrides: more config ids → values, e.g. '{"ckpt_path": "my.pt"}'.
+        configs: the bundle's config files merged in order (comma-separated names in its configs/ folder), e.g.
+            inference.json,inference_slices.json for SegDiff on 3D volumes slice by slice.
         quiet: no progress bars.
 
     Returns:
@@ -77,7 +82,7 @@ def main(
             device = f"cuda:{local}"
             torch.cuda.set_device(local)
     try:
-        model = load_bundle(bundle, device, steps, samples, seed, "uncertainty" in fmts, overrides)
+        model = load_bundle(bundle, device, steps, samples, seed, "uncertainty" in fmts, overrides, _list(configs))
         if runtime == "onnxruntime":
             cache = Path(output) / ".export"
             cache.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from diffseg.losses import DiffusionSegLoss, ForegroundDiceLoss
 from diffseg.respacing import respace, spaced_timesteps
 from diffseg.scheduler import DiffusionScheduler, StepOutput
 from diffseg.segmenter import DiffusionSegmenter
-from diffseg.sliding import WindowConsistentInferer
+from diffseg.sliding import StitchedUncertaintyInferer, WindowConsistentInferer
 from diffseg.training import DiffusionSegPrepareBatch, GradientClipping
 from diffseg.transforms import SegmenterUncertaintyd
 
@@ -41,6 +41,7 @@ __all__ = [
     "OneHotCodec",
     "SegmenterUncertaintyd",
     "StepOutput",
+    "StitchedUncertaintyInferer",
     "WindowConsistentInferer",
     "respace",
     "spaced_timesteps",

@@ -26,8 +26,9 @@ from monai.utils import BlendMode, PytorchPadMode, convert_to_dst_type, convert_
 
 from diffseg.denoiser import ConditionalDenoiser
 from diffseg.segmenter import DiffusionSegmenter, repeat_batch
+from diffseg.uncertainty import Uncertainty
 
-__all__ = ["WindowConsistentInferer", "WindowedDenoiser"]
+__all__ = ["StitchedUncertaintyInferer", "WindowConsistentInferer", "WindowedDenoiser"]
 
 
 @dataclass
@@ -146,3 +147,35 @@ class WindowConsistentInferer(Inferer):
         out = segmenter.predict(inputs, denoiser=window)
         segmenter.last_uncertainty = out.uncertainty
         return convert_to_dst_type(out.probs, inputs)[0]  # a MetaTensor input's metadata travels on (Invertd)
+
+
+class StitchedUncertaintyInferer(Inferer):
+    """Wrap an inferer that calls the segmenter on parts of the image (MONAI's ``SliceInferer``, or
+    ``SlidingWindowInferer`` with a chain per window) so that the segmenter's ``last_uncertainty`` afterwards covers
+    the whole image, not only the last part.
+
+    Each call's maps travel as extra output channels through the wrapped inferer's stitching (slices stacked, windows
+    blended like the scores) and are split off at the end: ``inferer(image (B, C_img, *S), segmenter) -> scores
+    (B, C, *S)``, with ``last_uncertainty = Uncertainty(std (B, C, *S), entropy (B, 1, *S))``.
+    """
+
+    def __init__(self, inferer: Inferer) -> None:
+        super().__init__()
+        self.inferer = inferer
+
+    @torch.no_grad()
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        segmenter = getattr(network, "module", network)
+        if not isinstance(segmenter, DiffusionSegmenter):
+            raise TypeError(f"StitchedUncertaintyInferer needs a DiffusionSegmenter, got {type(segmenter).__name__}")
+
+        def with_maps(part: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
+            scores = network(part, *a, **k)
+            maps = segmenter.last_uncertainty
+            return torch.cat([scores, maps.std.to(scores), maps.entropy.to(scores)], dim=1)
+
+        out = self.inferer(inputs, with_maps, *args, **kwargs)
+        c = (out.shape[1] - 1) // 2
+        plain = convert_to_tensor(out, track_meta=False)
+        segmenter.last_uncertainty = Uncertainty(plain[:, c : 2 * c], plain[:, 2 * c :])
+        return out[:, :c]

@@ -248,6 +248,19 @@ def test_slice_wise_volume_output_keeps_the_input_geometry(tmp_path):
         assert set(np.unique(label)) <= {0, 1}
 
 
+def test_uncertainty_map_covers_every_slice_in_the_input_geometry(tmp_path):
+    affine = np.diag([3.0, 3.0, 5.0, 1.0])
+    images = {"a.nii.gz": (random_ct((50, 37, 7)), affine)}
+    kw = {"save_uncertainty": True, "displayable_configs#num_samples": 3, "displayable_configs#slice_batch_size": 2}
+    out = infer(tmp_path, images, **kw)
+    assert sorted(p.name for p in out.iterdir()) == ["a_seg.nii.gz", "a_uncertainty.nii.gz"]
+    unc, unc_affine = read_nifti(out / "a_uncertainty.nii.gz")
+    assert unc.shape == (50, 37, 7) and unc.dtype == np.float32
+    np.testing.assert_allclose(unc_affine, affine, atol=1e-4)
+    assert unc.min() >= 0 and unc.max() <= 0.5 + 1e-6  # std of probabilities in [0, 1]
+    assert all(unc[..., k].max() > 0 for k in range(7))  # every slice batch's samples, not only the last one's
+
+
 def test_2d_input_with_the_2d_override(tmp_path):
     images = {"slice.nii.gz": (random_ct((45, 38)), np.diag([0.7, 0.7, 1.0, 1.0]))}
     out = infer(tmp_path, images, configs=("inference.json", "inference_2d.json"))

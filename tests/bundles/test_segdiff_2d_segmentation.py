@@ -189,6 +189,9 @@ def test_slice_wise_3d_option(tmp_path, tiny_checkpoint):
     seg, affine = read_nifti(tmp_path / "out" / "vol_seg.nii.gz")
     assert seg.shape == vol.shape and set(np.unique(seg)) <= {0, 1}
     np.testing.assert_allclose(affine, nib.load(folder / "vol.nii.gz").affine)
+    unc, unc_affine = read_nifti(tmp_path / "out" / "vol_uncertainty.nii.gz")  # stitched over every slice batch
+    assert unc.shape == vol.shape and all(unc[..., k].max() > 0 for k in range(3)) and unc.max() <= 0.5 + 1e-6
+    np.testing.assert_allclose(unc_affine, affine)
 
 
 # ---- contract: metadata, network, training, evaluation ------------------------------------------------------------

@@ -105,3 +105,25 @@ def test_window_shrinks_to_a_small_image_rounded_to_the_network_multiple(pointwi
         WindowConsistentInferer(8, size_divisible=0)
     with pytest.raises(TypeError, match="overlapp"):
         WindowConsistentInferer(8, overlapp=0.5)
+
+
+def test_stitched_uncertainty_covers_every_slice_of_a_slice_inferer(pointwise_denoiser):
+    from monai.inferers import SliceInferer
+
+    from diffseg.sliding import StitchedUncertaintyInferer
+
+    seg = x0_segmenter(pointwise_denoiser, 2, num_samples=3, seed=7)
+    volume = torch.rand(1, 1, 12, 10, 5)
+    slices = SliceInferer(roi_size=(-1, -1), spatial_dim=2, sw_batch_size=2)
+    plain = slices(volume, seg)
+    assert seg.last_uncertainty.std.shape[0] == 1  # only the last slice batch (slice 4) is left behind
+    stitched = StitchedUncertaintyInferer(slices)(volume, seg)
+    torch.testing.assert_close(stitched, plain)  # the scores are untouched
+    maps = seg.last_uncertainty
+    assert maps.std.shape == (1, 3, 12, 10, 5) and maps.entropy.shape == (1, 1, 12, 10, 5)
+    for k in range(5):  # each slice's maps are those of the call that segmented it (batches of 2 slices, one seed)
+        first = 2 * (k // 2)
+        seg(volume[0, :, :, :, first : first + 2].permute(3, 0, 1, 2))
+        torch.testing.assert_close(maps.std[0, :, :, :, k], seg.last_uncertainty.std[k - first])
+        torch.testing.assert_close(maps.entropy[0, :, :, :, k], seg.last_uncertainty.entropy[k - first])
+    assert maps.std.max() > 0

@@ -289,7 +289,7 @@ def test_torchrun_two_processes_do_every_case_exactly_once(tmp_path, tiny):
 
 OTHER_BUNDLES = {  # bundle → (CLI settings, formats): every landed bundle runs through the CLI with its shipped weights
     "segdiff_2d_segmentation": ({"steps": 3, "samples": 2}, ("nifti", "uncertainty", "png")),
-    "sdseg_latent_segmentation": ({"samples": 2}, ("nifti", "dicom_seg", "png")),
+    "sdseg_latent_segmentation": ({"samples": 2}, ("nifti", "dicom_seg", "uncertainty", "png")),
     "diffusion_probe_3d_segmentation": ({}, ("nifti", "dicom_seg", "png")),
 }
 
@@ -322,11 +322,24 @@ def test_every_bundle_segments_a_folder_with_its_shipped_weights(tmp_path, name)
         expected = {"cells": (56, 40), "vol": (48, 40, 12), "ct": (128, 128, 3)}[ident]  # MONAI reads PNG as (W, H)
         assert label.shape == expected and set(np.unique(label)) <= labels, (ident, label.shape)
         assert (tmp_path / "out" / ident / "overlay.png").read_bytes()[:4] == b"\x89PNG"
-    if "uncertainty" in formats:
-        unc = np.asarray(nib.load(tmp_path / "out" / "cells" / "uncertainty.nii.gz").dataobj)
-        assert unc.shape == (56, 40) and unc.min() >= 0 and unc.max() > 0  # two samples disagree somewhere
+        if "uncertainty" in formats:
+            unc = np.asarray(nib.load(tmp_path / "out" / ident / "uncertainty.nii.gz").dataobj)
+            assert unc.shape == expected and unc.min() >= 0 and unc.max() > 0  # two samples disagree somewhere
     if "ct" in runnable:
         seg = hd.seg.segread(tmp_path / "out" / "ct" / "seg.dcm")
         names = [s.SegmentLabel for s in seg.SegmentSequence]
         assert names == [model.classes[k] for k in sorted(model.classes) if k > 0]
         assert seg.SegmentSequence[0].SegmentAlgorithmName == name
+
+
+@pytest.mark.slow
+def test_a_config_variant_of_the_bundle_through_the_cli(tmp_path):
+    write_nifti(tmp_path / "in" / "vol.nii.gz", random_ct((32, 24, 3)))
+    code = segment.main(
+        str(BUNDLES / "segdiff_2d_segmentation"), str(tmp_path / "in"), str(tmp_path / "out"), steps=2, samples=2,
+        formats="nifti,uncertainty", configs="inference.json,inference_slices.json", quiet=True,
+    )  # fmt: skip
+    assert code == 0  # without the slice-wise variant the 2D bundle fails a 3D volume (tested above)
+    assert np.asarray(nib.load(tmp_path / "out" / "vol" / "seg.nii.gz").dataobj).shape == (32, 24, 3)
+    unc = np.asarray(nib.load(tmp_path / "out" / "vol" / "uncertainty.nii.gz").dataobj)
+    assert unc.shape == (32, 24, 3) and all(unc[..., k].max() > 0 for k in range(3))
