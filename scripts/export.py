@@ -11,7 +11,6 @@ onnxruntime --onnx denoiser.onnx`` runs the exported denoiser in ONNX Runtime.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -57,9 +56,8 @@ def main(
     net = model.network
     if not hasattr(net, "denoiser"):
         raise SystemExit(f"{model.name}: the network {type(net).__name__} has no diffusion denoiser to export")
-    meta = json.loads((model.root / "configs" / "metadata.json").read_text())["network_data_format"]["inputs"]
     out = Path(output)
-    path, image = export_denoiser(net, meta["image"], out, format, shape)
+    path, image = export_denoiser(net, model.image_meta, out, format, shape)
     written = [path]
     n_steps = steps or net.num_inference_steps or net.scheduler.num_train_timesteps
     if sampler or (sampler is None and n_steps <= MAX_UNROLLED_STEPS):

@@ -17,6 +17,7 @@ The bundle's own configs/inference.json defines preprocessing, network, inferer 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def main(
         backend = "nccl" if device.startswith("cuda") else "gloo"
         torch.distributed.init_process_group(backend=backend)
         if device == "cuda":
-            local = int(__import__("os").environ.get("LOCAL_RANK", 0))
+            local = int(os.environ.get("LOCAL_RANK", 0))
             device = f"cuda:{local}"
             torch.cuda.set_device(local)
     try:

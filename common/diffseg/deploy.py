@@ -78,6 +78,7 @@ class BundleModel:
     version: str
     spatial_dims: int
     classes: dict[int, str]
+    image_meta: dict[str, Any]  # metadata network_data_format.inputs.image (num_channels, spatial_shape, ...)
     image_key: str
     preprocessing: Compose
     raw_end: int  # preprocessing[:raw_end] reads the image (original geometry, channel first)
@@ -192,6 +193,7 @@ def load_bundle(
         version=str(meta.get("version", "")),
         spatial_dims=_spatial_dims(pre, meta),
         classes={int(k): str(v) for k, v in channel_def.items()},
+        image_meta=dict(meta["network_data_format"]["inputs"]["image"]),
         image_key=str(parser.get("image_key", "image")),
         preprocessing=pre,
         raw_end=_raw_end(pre),
@@ -218,8 +220,7 @@ def use_onnxruntime(model: BundleModel, onnx_path: str | os.PathLike[str] | None
             weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         onnx_path = cache / f"{model.name}-denoiser-{weights.hexdigest()[:12]}.onnx"
         if not onnx_path.is_file():
-            meta = json.loads((model.root / "configs" / "metadata.json").read_text())
-            export_denoiser(net, meta["network_data_format"]["inputs"]["image"], onnx_path)
+            export_denoiser(net, model.image_meta, onnx_path)
     net.denoiser = OrtDenoiser(net.denoiser, onnx_path, device=str(model.device))
     return Path(onnx_path)
 

@@ -25,19 +25,7 @@ from diffseg.deploy import load_bundle, segment_folder, use_onnxruntime  # noqa:
 from diffseg.export import OrtDenoiser, UnrolledSampler, noisy_steps, sampler_noise  # noqa: E402
 
 BUNDLE = BUNDLES / "recycling_ddpm_3d_segmentation"
-TINY = {"unet_channels": [4, 4, 4, 4], "roi_size": [32, 32, 16]}
 PROB_ATOL = 1e-4  # max |Δ probability| allowed between ONNX Runtime and torch (float32, measured ~1e-6)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict:
-    with bundle_imports(BUNDLE):
-        net = load_config(BUNDLE.name, **TINY).get_parsed_content("network_def")
-    torch.manual_seed(0)
-    with torch.no_grad():  # random, non-trivial weights (zero-initialised output convs would hide mistakes)
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return {**TINY, "ckpt_path": save_weights(net, tmp_path_factory.mktemp("tiny") / "tiny.pt")}
 
 
 @pytest.fixture(scope="module")

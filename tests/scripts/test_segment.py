@@ -27,12 +27,9 @@ import segment  # noqa: E402
 from bundle_testing import (  # noqa: E402
     BUNDLES,
     REPO,
-    bundle_imports,
     infer_images,
-    load_config,
     random_ct,
     read_nifti,
-    save_weights,
     write_nifti,
 )
 from dicom_testing import pydicom_file, write_ct_series  # noqa: E402
@@ -41,15 +38,6 @@ from diffseg.deploy import load_bundle, segment_folder  # noqa: E402
 from diffseg.dicomseg import label_on_dicom_grid, read_sources  # noqa: E402
 
 BUNDLE = BUNDLES / "recycling_ddpm_3d_segmentation"
-TINY = {"unet_channels": [4, 4, 4, 4], "roi_size": [32, 32, 16]}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict:
-    """Config overrides: a random tiny network and its weights."""
-    with bundle_imports(BUNDLE):
-        net = load_config(BUNDLE.name, **TINY).get_parsed_content("network_def")
-    return {**TINY, "ckpt_path": save_weights(net, tmp_path_factory.mktemp("tiny") / "tiny.pt")}
 
 
 @pytest.fixture(scope="module")
