@@ -5,22 +5,26 @@ One concept per module: ``schedules`` (noise schedules in MONAI's registry), ``r
 ``denoiser`` (the conditioning interface), ``recycling`` and ``training`` (training steps for MONAI's
 ``SupervisedTrainer``), ``losses``, ``segmenter`` (image → scores with the sampler inside), ``sliding``
 (window-consistent sampling), ``transforms`` (uncertainty maps in post-processing), ``ensembles``, ``uncertainty``,
-``metrics``, and ``data`` (the real-data fetcher).
+``metrics``, ``handlers``/``optimizers``/``curves`` (training to a budget: clock, resumable checkpoints, EMA,
+LR schedule, learning curves) and ``data`` (the real-data fetcher).
 """
 
 from __future__ import annotations
 
 from diffseg import schedules  # noqa: F401  registers the schedules in MONAI's NoiseSchedules
 from diffseg.codecs import BinaryCodec, MaskCodec, OneHotCodec
+from diffseg.curves import LearningCurve
 from diffseg.ddim import DDIMSampler
 from diffseg.ddpm import DDPMSampler
 from diffseg.denoiser import ConcatDenoiser, ConditionalDenoiser
+from diffseg.handlers import PeriodicValidation, RandomStates, TrainingCheckpoint, TrainingClock, WeightEMA
 from diffseg.losses import DiffusionSegLoss, ForegroundDiceLoss
+from diffseg.optimizers import WarmupCosineSchedule
 from diffseg.respacing import respace, spaced_timesteps
 from diffseg.scheduler import DiffusionScheduler, StepOutput
 from diffseg.segmenter import DiffusionSegmenter
 from diffseg.sliding import StitchedUncertaintyInferer, WindowConsistentInferer
-from diffseg.training import DiffusionSegPrepareBatch, GradientClipping
+from diffseg.training import DiffusionSegPrepareBatch, FeedForwardPrepareBatch, GradientClipping
 from diffseg.transforms import SegmenterUncertaintyd
 
 __version__ = "0.1.0"
@@ -35,13 +39,21 @@ __all__ = [
     "DiffusionSegLoss",
     "DiffusionSegPrepareBatch",
     "DiffusionSegmenter",
+    "FeedForwardPrepareBatch",
     "ForegroundDiceLoss",
     "GradientClipping",
+    "LearningCurve",
     "MaskCodec",
     "OneHotCodec",
+    "PeriodicValidation",
+    "RandomStates",
     "SegmenterUncertaintyd",
     "StepOutput",
     "StitchedUncertaintyInferer",
+    "TrainingCheckpoint",
+    "TrainingClock",
+    "WarmupCosineSchedule",
+    "WeightEMA",
     "WindowConsistentInferer",
     "respace",
     "spaced_timesteps",

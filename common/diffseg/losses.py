@@ -83,6 +83,7 @@ class DiffusionSegLoss(nn.Module):
         self.dice_weight, self.ce_weight, self.mse_weight = dice_weight, ce_weight, mse_weight
         self.mse_reduction = mse_reduction
         self.dice = ForegroundDiceLoss()
+        self.last_terms: dict[str, float] = {}
 
     def probabilities(self, pred: torch.Tensor, target: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Class probabilities (B, C, *S) implied by the network output."""
@@ -99,15 +100,17 @@ class DiffusionSegLoss(nn.Module):
         return self.scheduler.get_velocity(target["x0"], target["noise"], target["timesteps"])
 
     def forward(self, pred: torch.Tensor, target: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        loss = pred.new_zeros(())
+        """Weighted sum of the terms; their unweighted values are kept in ``last_terms`` (learning curves)."""
+        terms: dict[str, torch.Tensor] = {}
         if self.dice_weight or self.ce_weight:
             probs = self.probabilities(pred, target)
             if self.dice_weight:
-                loss = loss + self.dice_weight * self.dice(probs, target["label"])
+                terms["dice"] = self.dice(probs, target["label"])
             if self.ce_weight:
-                loss = loss + self.ce_weight * cross_entropy_from_probs(probs, target["label"])
+                terms["ce"] = cross_entropy_from_probs(probs, target["label"])
         if self.mse_weight:
             sq = (pred - self.regression_target(target)) ** 2
-            mse = sq.mean() if self.mse_reduction == "mean" else sq.flatten(1).sum(1).mean()
-            loss = loss + self.mse_weight * mse
-        return loss
+            terms["mse"] = sq.mean() if self.mse_reduction == "mean" else sq.flatten(1).sum(1).mean()
+        weights = {"dice": self.dice_weight, "ce": self.ce_weight, "mse": self.mse_weight}
+        self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
+        return sum((weights[k] * v for k, v in terms.items()), pred.new_zeros(()))

@@ -10,6 +10,10 @@ voxel depends only on that voxel, the result equals the same sampler run on the 
 Raw denoiser outputs are blended (mask logits for x0-prediction, ε for ε-prediction), as MONAI bundles blend logits
 before the softmax. The image conditioning (``encode_condition``) of each window is computed once per image and
 reused for all steps; the N ensemble members of a window run as one batch.
+
+An image smaller than the window along an axis (a thin volume) gets a window shrunk to the image rounded up to the
+network's divisibility (:func:`fit_window`), and the remainder is padded by edge replication, not zeros
+(:func:`pad_spatial`; MONAI's ``padding_mode="replicate"`` inside the window loop).
 """
 
 from __future__ import annotations
@@ -22,13 +26,49 @@ from typing import Any
 import torch
 import torch.nn as nn
 from monai.inferers import Inferer, sliding_window_inference
+from monai.transforms import SpatialPad
 from monai.utils import BlendMode, PytorchPadMode, convert_to_dst_type, convert_to_tensor, ensure_tuple_rep
 
 from diffseg.denoiser import ConditionalDenoiser
 from diffseg.segmenter import DiffusionSegmenter, repeat_batch
 from diffseg.uncertainty import Uncertainty
 
-__all__ = ["StitchedUncertaintyInferer", "WindowConsistentInferer", "WindowedDenoiser"]
+__all__ = ["StitchedUncertaintyInferer", "WindowConsistentInferer", "WindowedDenoiser", "fit_window", "pad_spatial"]
+
+
+def fit_window(roi_size: Sequence[int] | int, spatial: Sequence[int], size_divisible: int = 1) -> list[int]:
+    """The window for an image of spatial size ``spatial``: ``roi_size`` shrunk, axis by axis, to the image size
+    rounded up to a multiple of ``size_divisible`` (the network's total downsampling): a thin volume gets a thin
+    window (8 slices, roi 32, divisibility 8: 8 slices), padded by at most ``size_divisible - 1`` voxels per axis.
+    ``fit_window(roi (D,) or int, spatial (D,), m) -> window (D,)``."""
+    if size_divisible < 1:
+        raise ValueError(f"size_divisible={size_divisible} must be >= 1")
+    roi = ensure_tuple_rep(roi_size, len(spatial))
+    return [min(int(r), -(-int(s) // size_divisible) * size_divisible) for r, s in zip(roi, spatial, strict=True)]
+
+
+def pad_spatial(
+    x: torch.Tensor,
+    spatial_size: Sequence[int],
+    mode: PytorchPadMode | str = PytorchPadMode.REPLICATE,
+    method: str = "end",
+) -> tuple[torch.Tensor, tuple]:
+    """Pad the spatial axes of ``x`` (B, C, *S) up to ``spatial_size`` (larger axes are kept) with MONAI's
+    ``SpatialPad`` (``mode`` "replicate" = edge replication; ``method`` "end" or "symmetric").
+
+    Returns the padded plain tensor (B, C, *S') and the index that crops an output (B, C', *S') back to S.
+    Edge replication, not zeros: a zero (air / black) slab in a window shifts the statistics of every per-window
+    instance / group norm of the network, and the network never saw such slabs in training.
+    """
+    spatial = x.shape[2:]
+    padder = SpatialPad(spatial_size, method=method, mode=mode)
+    widths = padder.compute_pad_width(spatial)[1:]
+    crop = (slice(None), slice(None), *(slice(lo, lo + s) for (lo, _), s in zip(widths, spatial, strict=True)))
+    plain = convert_to_tensor(x, track_meta=False)
+    if not any(lo or hi for lo, hi in widths):
+        return plain, crop
+    padded = padder(plain.reshape(-1, *spatial))  # SpatialPad pads (C, *S): batch and channels folded together
+    return convert_to_tensor(padded, track_meta=False).reshape(*x.shape[:2], *padded.shape[1:]), crop
 
 
 @dataclass
@@ -51,6 +91,11 @@ class WindowedDenoiser(ConditionalDenoiser):
     (B·N, C_out, *S). ``roi_size``, ``sw_batch_size``, ``overlap``, ``mode``, ``sigma_scale``, ``padding_mode`` and
     ``progress`` go to MONAI's ``sliding_window_inference``; ``cache_condition`` keeps each window's
     ``encode_condition`` result for all steps of one image.
+
+    An image smaller than ``roi_size`` is padded by MONAI (symmetrically) with ``padding_mode``: "replicate" (edge
+    replication of the image and of x_t) by default, as :func:`pad_spatial` argues; the padded voxels are only read
+    by the network and cropped from its output, x_t is never stepped there. Because the padding is redone on every
+    call, the chain's noise has the image's own shape, so a per-voxel network still gives the whole-image sample.
     """
 
     def __init__(
@@ -61,7 +106,7 @@ class WindowedDenoiser(ConditionalDenoiser):
         overlap: Sequence[float] | float = 0.25,
         mode: BlendMode | str = BlendMode.GAUSSIAN,
         sigma_scale: Sequence[float] | float = 0.125,
-        padding_mode: PytorchPadMode | str = PytorchPadMode.CONSTANT,
+        padding_mode: PytorchPadMode | str = PytorchPadMode.REPLICATE,
         cache_condition: bool = True,
         progress: bool = False,
     ) -> None:
@@ -114,7 +159,8 @@ class WindowConsistentInferer(Inferer):
     """MONAI inferer: ``inferer(image (B, C_img, *S), segmenter) -> scores (B, C, *S)`` with one global chain.
 
     Args:
-        roi_size: window size (spatial); never larger than the image rounded up to ``size_divisible``.
+        roi_size: window size (spatial); never larger than the image rounded up to ``size_divisible``
+            (:func:`fit_window`): a thin volume gets a thin window, its remainder padded by edge replication.
         size_divisible: the network's total downsampling (a small image is not padded to a large ``roi_size``).
         window_args: the other :class:`WindowedDenoiser` arguments — ``sw_batch_size`` (windows per denoiser call,
             each with the N ensemble members), ``overlap`` (0 tiles without overlap, as SegDiff's 256² tiles),
@@ -139,10 +185,7 @@ class WindowConsistentInferer(Inferer):
             raise TypeError(f"WindowConsistentInferer needs a DiffusionSegmenter, got {type(segmenter).__name__}")
         if segmenter.latent_decoder is not None or segmenter.latent_downsample != 1:
             raise ValueError("window-consistent sampling works in pixel space only (no latent_decoder)")
-        spatial = inputs.shape[2:]
-        roi = ensure_tuple_rep(self.roi_size, len(spatial))
-        m = self.size_divisible
-        roi = [min(r, -(-s // m) * m) for r, s in zip(roi, spatial, strict=True)]  # never beyond the rounded image
+        roi = fit_window(self.roi_size, inputs.shape[2:], self.size_divisible)  # never beyond the rounded image
         window = WindowedDenoiser(segmenter.denoiser, roi, **self.window_args)
         out = segmenter.predict(inputs, denoiser=window)
         segmenter.last_uncertainty = out.uncertainty

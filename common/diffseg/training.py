@@ -1,5 +1,5 @@
 """Training glue for MONAI's ``SupervisedTrainer``: the batch preparation of segmentation diffusion (plain or
-recycling) and gradient-norm clipping as an engine handler.
+recycling) and of its feed-forward twin, and gradient-norm clipping as an engine handler.
 
 Wiring (see the bundles' ``train.json``)::
 
@@ -28,7 +28,7 @@ from diffseg.scheduler import DiffusionScheduler
 
 Engine, _ = optional_import("ignite.engine", "0.4.11", min_version, "Engine")
 
-__all__ = ["DiffusionSegPrepareBatch", "GradientClipping"]
+__all__ = ["DiffusionSegPrepareBatch", "FeedForwardPrepareBatch", "GradientClipping"]
 
 
 class DiffusionSegPrepareBatch(DiffusionPrepareBatch):
@@ -110,6 +110,40 @@ class DiffusionSegPrepareBatch(DiffusionPrepareBatch):
             "timesteps": timesteps,
         }
         return x_t, target, (), {"timesteps": timesteps, "image": image}
+
+
+class FeedForwardPrepareBatch(DiffusionSegPrepareBatch):
+    """The feed-forward twin of a diffusion bundle (analysis paper 001, experiment E1): the same network trained
+    directly as a segmenter, called once on pure noise at t = T-1.
+
+    Returns ``(noise, target, (), {"timesteps": T-1, "image": image})``: the network input is N(0, I) noise of x0's
+    shape (B, C, *S) with no trace of the mask, and ``target["x_t"]`` is that noise, so the bundle's loss (e.g.
+    :class:`diffseg.losses.DiffusionSegLoss` with ``logits_output=True``) trains on x0 directly. At inference a
+    one-step ``prediction_type="sample"`` segmenter (``num_inference_steps=1`` from t = T-1) feeds exactly such noise
+    and returns the network's prediction.
+
+    Cooperative: it wraps the x0 of any :class:`DiffusionSegPrepareBatch` subclass that comes after it in the MRO
+    (e.g. a latent one), whose arguments it takes; recycling must be off.
+
+    Raises:
+        ValueError: if constructed with ``recycling=True``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.recycling:
+            raise ValueError("the feed-forward twin never sees x_t from a mask: construct it with recycling=False")
+
+    def get_timesteps(self, images: torch.Tensor) -> torch.Tensor:
+        """(B,) long, all T-1."""
+        return torch.full((images.shape[0],), self.num_train_timesteps - 1, dtype=torch.long, device=images.device)
+
+    def prepare(
+        self, image: torch.Tensor, label: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple, dict[str, torch.Tensor]]:
+        _, target, args, kw = super().prepare(image, label)
+        target["x_t"] = target["noise"]  # the network never sees the mask
+        return target["noise"], target, args, kw
 
 
 class GradientClipping:

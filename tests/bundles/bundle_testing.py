@@ -24,13 +24,17 @@ from diffseg.bundles import bundle_parser, config_files
 REPO = Path(__file__).resolve().parents[2]
 BUNDLES = REPO / "bundles"
 SCHEMA = BUNDLES / "meta_schema_20240725.json"  # offline copy of the model-zoo metadata schema
+FEEDFORWARD = ("train.json", "train_feedforward.json")  # a diffusion bundle's feed-forward twin (paper 001, E1)
+TWIN_WEIGHTS = "model_feedforward.pt"
 
 __all__ = [
     "BUNDLES",
+    "FEEDFORWARD",
     "REPO",
     "SCHEMA",
     "bundle_imports",
     "check_metadata",
+    "check_feedforward_input",
     "check_net_in_out",
     "bad_volume_cases",
     "bad_volume_folder",
@@ -39,6 +43,7 @@ __all__ = [
     "load_config",
     "random_ct",
     "read_nifti",
+    "train_and_evaluate_twin",
     "run_bundle",
     "run_torchrun",
     "save_weights",
@@ -99,6 +104,43 @@ def run_torchrun(
 def load_config(bundle: str | Path, configs: Sequence[str] = ("inference.json",), **override: Any) -> ConfigParser:
     """The merged, parsed config (ids resolve with ``parser.get_parsed_content(id)`` inside ``bundle_imports``)."""
     return bundle_parser(BUNDLES / bundle, configs, **override)
+
+
+def check_feedforward_input(bundle: str | Path, batch: dict[str, Any], **override: Any) -> tuple:
+    """Prepare ``batch`` (image, label with foreground) with the twin's ``train#prepare_batch`` twice from the same
+    seed, once with an all-background label: the network input must be the same noise (no mask information), equal
+    to ``target["x_t"]``, at t = T-1 for every sample, while the x0 targets differ. Returns the first prepared batch."""
+    import torch
+
+    with bundle_imports(bundle):
+        prepare = load_config(bundle, FEEDFORWARD, **override).get_parsed_content("train#prepare_batch")
+    outs = []
+    for label in (batch["label"], torch.zeros_like(batch["label"])):
+        torch.manual_seed(0)
+        outs.append(prepare({**batch, "label": label}))
+    (x, target, _, kwargs), (x2, target2, _, _) = outs
+    assert torch.equal(x, x2) and torch.equal(x, target["x_t"]) and torch.equal(x, target["noise"])
+    assert not torch.equal(target["x0"], target2["x0"])
+    assert kwargs["timesteps"].tolist() == [prepare.num_train_timesteps - 1] * x.shape[0]
+    return outs[0]
+
+
+def train_and_evaluate_twin(bundle: str | Path, metrics_csv: Path, **override: Any) -> float:
+    """Train the feed-forward twin (``train.json`` + ``train_feedforward.json``, ``override`` sized for 2 iterations,
+    with a ``ckpt_dir``), check that it wrote its own weights file there (not ``model.pt``), evaluate that checkpoint
+    with ``evaluate.json`` and return the mean Dice it reports in ``metrics_csv``."""
+    ckpt_dir = Path(override["ckpt_dir"])
+    parser = load_config(bundle, FEEDFORWARD, **override)
+    with bundle_imports(bundle):
+        parser.get_parsed_content("run")
+        assert parser.get_parsed_content("train#trainer").state.iteration == 2
+    assert (ckpt_dir / TWIN_WEIGHTS).exists() and not (ckpt_dir / "model.pt").exists()
+    run_bundle(bundle, (*FEEDFORWARD, "evaluate.json"), **override)
+    lines = metrics_csv.read_text().replace("\t", ",").splitlines()  # MetricsSaver: "name,value" per line
+    rows = dict(line.split(",", 1) for line in lines if "," in line)
+    dice = float(rows["val_mean_dice"])
+    assert 0.0 <= dice <= 1.0
+    return dice
 
 
 def check_metadata(bundle: str | Path) -> None:

@@ -11,9 +11,11 @@ import torch
 import torch.nn as nn
 from bundle_testing import (
     BUNDLES,
+    FEEDFORWARD,
     bad_volume_cases,
     bad_volume_folder,
     bundle_imports,
+    check_feedforward_input,
     check_metadata,
     check_net_in_out,
     error_text,
@@ -24,6 +26,7 @@ from bundle_testing import (
     run_bundle,
     run_torchrun,
     save_weights,
+    train_and_evaluate_twin,
     write_nifti,
 )
 
@@ -210,6 +213,37 @@ def test_recycling_first_pass_has_no_gradient_and_the_second_trains(tmp_path):
     assert grad_modes == [False, True]  # recycled prediction without gradient, then the training pass
     after = trainer.network.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_feedforward_twin_trains_on_noise_and_evaluates_its_own_weights(tmp_path):
+    """train_feedforward.json (paper 001, E1): no recycling, one call on noise at t = 4, CE + foreground Dice, one
+    x0 step at inference; its weights go to model_feedforward.pt, which evaluate.json then reads."""
+    write_dataset(tmp_path / "data")
+    common = {
+        **TINY,
+        "dataset_dir": str(tmp_path / "data"),
+        "ckpt_dir": str(tmp_path / "ckpt"),
+        "output_dir": str(tmp_path / "eval"),
+        "patch_size": [32, 32, 16],
+        "cache_rate": 0.0,
+    }
+    with bundle_imports(BUNDLE):
+        parser = load_config(BUNDLE, FEEDFORWARD, **common)
+        loss, seg = parser.get_parsed_content("loss"), parser.get_parsed_content("network_def")
+    assert parser["recycling"] is False and loss.logits_output and loss.mse_weight == 0
+    assert loss.dice_weight == 1 and loss.ce_weight == 1
+    assert seg.num_inference_steps == 1 and seg.num_samples == 1 and seg.scheduler.prediction_type == "sample"
+    label = torch.zeros(1, 1, 32, 32, 16, dtype=torch.long)
+    label[..., 4:20, 4:20, 2:10] = 2
+    x, target, _, kwargs = check_feedforward_input(BUNDLE, {"image": torch.rand(1, 1, 32, 32, 16), "label": label})
+    assert x.shape == (1, CLASSES, 32, 32, 16) and kwargs["timesteps"].tolist() == [4]
+    train_and_evaluate_twin(BUNDLE, tmp_path / "eval" / "metrics.csv", max_epochs=1, val_interval=1, **common)
+    with bundle_imports(BUNDLE):
+        infer_seg = load_config(BUNDLE, ("inference.json", "inference_feedforward.json"), **TINY).get_parsed_content(
+            "network_def"
+        )
+    infer_seg.load_state_dict(torch.load(tmp_path / "ckpt" / "model_feedforward.pt", weights_only=True))
+    assert infer_seg.num_inference_steps == 1 and infer_seg.scheduler.prediction_type == "sample"
 
 
 @pytest.mark.slow

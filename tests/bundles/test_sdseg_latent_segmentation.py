@@ -10,9 +10,11 @@ import pytest
 import torch
 from bundle_testing import (
     BUNDLES,
+    FEEDFORWARD,
     bad_volume_cases,
     bad_volume_folder,
     bundle_imports,
+    check_feedforward_input,
     check_metadata,
     check_net_in_out,
     error_text,
@@ -23,6 +25,7 @@ from bundle_testing import (
     run_bundle,
     run_torchrun,
     save_weights,
+    train_and_evaluate_twin,
     write_nifti,
 )
 from monai.networks.nets import DiffusionModelUNet
@@ -352,6 +355,49 @@ def test_autoencoder_then_diffusion_training_then_evaluation(tmp_path):
     assert report["seeds"] == [0, 1] and len(report["dice_vs_label_per_seed"]) == 2
     for key in ("dice", "psnr", "ssim", "ms_ssim"):
         assert np.isfinite(report[key])
+
+
+def test_feedforward_twin_predicts_the_latent_from_noise_and_evaluates_its_own_weights(tmp_path):
+    """train_feedforward.json (paper 001, E1): the same vision encoder + U-Net called once on z_T noise at t = 999,
+    predicting z0 (2·L1 in the latent), decoded by the same frozen autoencoder in one x0 step."""
+    write_dataset(tmp_path / "data")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ae,) = parsed("autoencoder_def", configs=("train.json",))
+    save_weights(ae, ckpt / "autoencoder.pt")  # a random frozen first stage
+    common = {
+        **TINY,
+        "dataset_dir": str(tmp_path / "data"),
+        "ckpt_dir": str(ckpt),
+        "output_dir": str(tmp_path / "eval"),
+        "patch_size": [32, 32],
+        "slices_per_volume": 2,
+    }
+    seg, loss = parsed("network_def", "loss", configs=FEEDFORWARD, **common)
+    assert seg.num_inference_steps == 1 and seg.scheduler.prediction_type == "sample"
+    z0 = torch.randn(2, 4, 4, 4)
+    target = {
+        "x0": z0,
+        "noise": torch.randn_like(z0),
+        "x_t": torch.randn_like(z0),
+        "timesteps": torch.tensor([999] * 2),
+    }
+    assert float(loss(z0 + 0.1, target)) == pytest.approx(0.2, rel=1e-4)  # L1(ẑ0, z0) twice: simple + seg term
+    label = torch.zeros(1, 1, 32, 32)
+    label[..., 8:24, 8:24] = 1
+    x, target, _, kwargs = check_feedforward_input(
+        BUNDLE, {"image": torch.rand(1, 1, 32, 32) * 2 - 1, "label": label}, **common
+    )
+    assert x.shape == (1, 4, 4, 4) and target["x0"].shape == x.shape and kwargs["timesteps"].tolist() == [999]
+    train_and_evaluate_twin(
+        BUNDLE, tmp_path / "eval" / "steps1" / "metrics.csv", max_epochs=2, val_interval=2, **common
+    )
+    state = torch.load(ckpt / "model_feedforward.pt", weights_only=True)
+    for k, v in torch.load(ckpt / "autoencoder.pt", weights_only=True).items():  # the same frozen first stage
+        torch.testing.assert_close(state[f"latent_decoder.autoencoder.{k}"], v, rtol=0, atol=0)
+    (infer_seg,) = parsed("network_def", configs=("inference.json", "inference_feedforward.json"))
+    infer_seg.load_state_dict(state)  # inference.json + inference_feedforward.json runs the twin
+    assert infer_seg.num_inference_steps == 1 and infer_seg.scheduler.prediction_type == "sample"
 
 
 @pytest.mark.slow

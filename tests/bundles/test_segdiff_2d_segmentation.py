@@ -12,13 +12,16 @@ import tifffile
 import torch
 from bundle_testing import (
     BUNDLES,
+    FEEDFORWARD,
     bundle_imports,
+    check_feedforward_input,
     check_metadata,
     check_net_in_out,
     load_config,
     read_nifti,
     run_bundle,
     run_torchrun,
+    train_and_evaluate_twin,
     write_nifti,
 )
 from PIL import Image
@@ -262,27 +265,27 @@ def test_training_counts_two_iterations_and_changes_weights(tmp_path, tiny_datas
     assert any(not torch.equal(start[k], v) for k, v in trainer.network.state_dict().items())
 
 
-def test_feedforward_mode_trains_the_same_network_on_noise(tmp_path, tiny_dataset):
-    args = train_args(tiny_dataset, tmp_path)
-    parser = load_config(BUNDLE, ("train.json", "train_feedforward.json"), **args)
+def test_feedforward_twin_trains_the_same_network_on_noise_then_evaluates(tmp_path, tiny_dataset):
+    args = {
+        k: v for k, v in train_args(tiny_dataset, tmp_path).items() if k not in ("num_inference_steps", "num_samples")
+    }
+    parser = load_config(BUNDLE, FEEDFORWARD, **args)
     with bundle_imports(BUNDLE):
-        prepare = parser.get_parsed_content("train#prepare_batch")
         loss = parser.get_parsed_content("loss")
         diffusion = load_config(BUNDLE, ("train.json",), **args).get_parsed_content("denoiser_def")
         ff = parser.get_parsed_content("denoiser_def")
+        seg = parser.get_parsed_content("network_def")
     assert type(ff) is type(diffusion)
     assert [p.shape for p in ff.parameters()] == [p.shape for p in diffusion.parameters()]
+    assert loss.dice_weight == 1 and loss.ce_weight == 1 and loss.mse_weight == 0 and loss.logits_output
+    assert seg.num_inference_steps == 1 and seg.num_samples == 1 and seg.scheduler.prediction_type == "sample"
     image, mask = blobs((16, 16))
     batch = {"image": torch.tensor(image, dtype=torch.float32)[None, None], "label": torch.tensor(mask)[None, None]}
+    x, *_ = check_feedforward_input(BUNDLE, batch, **args)
     torch.manual_seed(0)
-    x, target, _, kwargs = prepare(batch)
-    torch.manual_seed(0)
-    assert torch.equal(x, torch.randn_like(x))  # pure noise: no trace of the mask
-    assert kwargs["timesteps"].tolist() == [99]
-    assert loss.dice_weight == 1 and loss.ce_weight == 1 and loss.mse_weight == 0 and loss.logits_output
-    run_bundle(BUNDLE, ("train.json", "train_feedforward.json"), **args)
+    assert torch.equal(x, torch.randn_like(x))  # pure N(0, I) noise
+    train_and_evaluate_twin(BUNDLE, tmp_path / "eval" / "N1" / "metrics.csv", **args)
     ckpt = tmp_path / "model_feedforward.pt"
-    assert ckpt.exists()
     image_dir = tmp_path / "in"
     image_dir.mkdir()
     (image_dir / "x.png").write_bytes((tiny_dataset / "image" / "4.png").read_bytes())

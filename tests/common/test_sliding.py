@@ -6,11 +6,13 @@ import pytest
 import torch
 from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
+from monai.transforms import SpatialPad
 
 from diffseg.codecs import BinaryCodec, OneHotCodec
+from diffseg.denoiser import ConditionalDenoiser
 from diffseg.ddpm import DDPMSampler
 from diffseg.segmenter import DiffusionSegmenter
-from diffseg.sliding import WindowConsistentInferer
+from diffseg.sliding import WindowConsistentInferer, fit_window, pad_spatial
 from diffseg.transforms import SegmenterUncertaintyd
 
 
@@ -127,3 +129,58 @@ def test_stitched_uncertainty_covers_every_slice_of_a_slice_inferer(pointwise_de
         torch.testing.assert_close(maps.std[0, :, :, :, k], seg.last_uncertainty.std[k - first])
         torch.testing.assert_close(maps.entropy[0, :, :, :, k], seg.last_uncertainty.entropy[k - first])
     assert maps.std.max() > 0
+
+
+class WindowNormDenoiser(ConditionalDenoiser):
+    """Deterministic, ignores x_t: logits ±(image − window mean) / window std, so a voxel's label depends on the
+    statistics of its whole window (as instance / group norm do); ``windows`` records every image window seen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.windows: list[torch.Tensor] = []
+
+    def encode_condition(self, image: torch.Tensor) -> torch.Tensor:
+        self.windows.append(image)
+        dims = tuple(range(2, image.ndim))
+        return (image - image.mean(dims, keepdim=True)) / image.std(dims, keepdim=True)
+
+    def denoise(self, x_t: torch.Tensor, timesteps: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return torch.cat([-features, features], dim=1)
+
+
+def window_norm_segmenter() -> DiffusionSegmenter:
+    sched = DDPMSampler(5, "respaced_beta", prediction_type="sample")
+    return DiffusionSegmenter(WindowNormDenoiser(), sched, OneHotCodec(2), logits_output=True, seed=0)
+
+
+def test_thin_volume_gives_the_labels_of_the_same_volume_padded_by_hand():
+    """8 slices, window 16 (divisibility 16): the remainder is edge-replicated, as padding by hand would be."""
+    image = torch.linspace(0, 1, 8).expand(1, 1, 16, 16, 8) + 0.1 * torch.rand(1, 1, 16, 16, 8)
+    seg = window_norm_segmenter()
+    inferer = WindowConsistentInferer((16, 16, 16), size_divisible=16, overlap=0.25)
+    labels = inferer(image, seg).argmax(1)
+    by_hand = SpatialPad((16, 16, 16), mode="replicate")(image[0])[None]  # symmetric, as sliding_window_inference
+    assert by_hand.shape == (1, 1, 16, 16, 16) and torch.equal(by_hand[..., 4:12], image)
+    padded_labels = inferer(by_hand, seg).argmax(1)[..., 4:12]
+    assert torch.equal(labels, padded_labels)
+    zeros = WindowConsistentInferer((16, 16, 16), size_divisible=16, padding_mode="constant")(image, seg).argmax(1)
+    assert not torch.equal(zeros, labels)  # the test can tell: zero slabs shift the window statistics
+
+
+def test_no_zero_is_padded_into_a_window():
+    image = 1 + torch.rand(1, 1, 20, 12, 5)  # no voxel below 1
+    seg = window_norm_segmenter()
+    WindowConsistentInferer((16, 16, 16), size_divisible=8)(image, seg)
+    assert {tuple(w.shape[2:]) for w in seg.denoiser.windows} == {(16, 16, 8)}  # z: 5 slices → a window of 8
+    assert all(float(w.min()) >= 1 for w in seg.denoiser.windows)
+
+
+def test_fit_window_and_pad_spatial():
+    assert fit_window((96, 96, 16), (333, 333, 8), 16) == [96, 96, 16]
+    assert fit_window(64, (20, 9), 8) == [24, 16]
+    x = torch.rand(2, 3, 5, 7)
+    padded, crop = pad_spatial(x, (8, 4))
+    assert padded.shape == (2, 3, 8, 7) and torch.equal(padded[crop], x)
+    torch.testing.assert_close(padded[:, :, 5:], x[:, :, 4:5].expand(2, 3, 3, 7))  # edge replication at the end
+    same, crop = pad_spatial(x, (5, 7))
+    assert torch.equal(same, x) and torch.equal(same[crop], x)

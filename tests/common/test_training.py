@@ -10,7 +10,7 @@ from monai.inferers import SimpleInferer
 from diffseg.codecs import OneHotCodec
 from diffseg.ddpm import DDPMSampler
 from diffseg.losses import DiffusionSegLoss
-from diffseg.training import DiffusionSegPrepareBatch, GradientClipping
+from diffseg.training import DiffusionSegPrepareBatch, FeedForwardPrepareBatch, GradientClipping
 
 
 def _loader(n=2):
@@ -63,3 +63,21 @@ def test_missing_key_is_named():
     prep = DiffusionSegPrepareBatch(DDPMSampler(5), OneHotCodec(2))
     with pytest.raises(KeyError, match="'label'"):
         prep({"image": torch.zeros(1, 1, 4, 4)})
+
+
+def test_feedforward_batch_is_noise_at_the_last_step_whatever_the_label():
+    codec = OneHotCodec(3)
+    prep = FeedForwardPrepareBatch(DDPMSampler(5, "respaced_beta", prediction_type="sample"), codec)
+    image = torch.rand(2, 1, 8, 8, 4)
+    outs = []
+    for label in (torch.zeros(2, 1, 8, 8, 4, dtype=torch.long), torch.randint(0, 3, (2, 1, 8, 8, 4))):
+        torch.manual_seed(0)
+        outs.append((prep({"image": image, "label": label}), label))
+    ((x, target, args, kwargs), label), ((x2, target2, _, _), _) = outs
+    assert torch.equal(x, x2)  # same noise, different labels: the input holds no mask information
+    assert torch.equal(x, target["noise"]) and torch.equal(x, target["x_t"]) and x.shape == (2, 3, 8, 8, 4)
+    assert kwargs["timesteps"].tolist() == [4, 4] and torch.equal(target["timesteps"], kwargs["timesteps"])
+    assert torch.equal(kwargs["image"], image) and args == ()
+    assert torch.equal(target["x0"], codec.encode(label)) and not torch.equal(target["x0"], target2["x0"])
+    with pytest.raises(ValueError, match="recycling=False"):
+        FeedForwardPrepareBatch(DDPMSampler(5), codec, network=torch.nn.Identity(), recycling=True)

@@ -8,7 +8,8 @@ Latent diffusion (``train.json``)::
                       loss_function=LatentEstimationLoss(scheduler))
 
 The trainer calls ``denoiser(z_t, timesteps=t, image=image)`` (the vision encoder trains with the U-Net) and
-``loss(eps_hat, target)``.
+``loss(eps_hat, target)``. The feed-forward twin (``train_feedforward.json``) swaps in
+:class:`LatentFeedForwardPrepareBatch` and ``prediction_type="sample"``: ``loss(z0_hat, target)`` on z_T noise.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
-from diffseg import DiffusionScheduler, DiffusionSegPrepareBatch, MaskCodec
+from diffseg import DiffusionScheduler, DiffusionSegPrepareBatch, FeedForwardPrepareBatch, MaskCodec
 
 from .network import LatentAutoencoder
 
 __all__ = [
     "LatentEstimationLoss",
+    "LatentFeedForwardPrepareBatch",
     "LatentPrepareBatch",
     "MaskAutoencoderLoss",
     "MaskReconstructor",
@@ -74,24 +76,34 @@ class LatentPrepareBatch(DiffusionSegPrepareBatch):
         return z_t, target, (), {"timesteps": timesteps, "image": image}
 
 
+class LatentFeedForwardPrepareBatch(FeedForwardPrepareBatch, LatentPrepareBatch):
+    """The feed-forward twin's batches (paper 001, E1): :class:`LatentPrepareBatch`'s z0 target with the network
+    input z_T = pure noise of the latent's shape (B, 4, h, w) at t = T-1 (:class:`diffseg.FeedForwardPrepareBatch`).
+    Same arguments as :class:`LatentPrepareBatch`."""
+
+
 class LatentEstimationLoss(nn.Module):
     """SDSeg loss: ``L1(ε̂, ε) + seg_weight · L1(ẑ0, z0)`` with ẑ0 = (z_t - √(1-ᾱ_t) ε̂)/√ᾱ_t (latent estimation).
 
+    With ``prediction_type="sample"`` (the feed-forward twin) the network output is ẑ0 and the simple term compares
+    it with z0, as LDM's x0-parameterisation does, so the loss is ``(1 + seg_weight) · L1(ẑ0, z0)``.
+
     Args:
-        scheduler: gives ᾱ_t (ε-prediction).
+        scheduler: gives ᾱ_t (ε-prediction) and the parameterisation (``"epsilon"`` or ``"sample"``).
         seg_weight: λ of the latent-estimation term (paper: 1).
     """
 
     def __init__(self, scheduler: DiffusionScheduler, seg_weight: float = 1.0) -> None:
         super().__init__()
-        if scheduler.prediction_type != "epsilon":
-            raise ValueError(f"SDSeg's loss is for epsilon prediction, got {scheduler.prediction_type!r}")
+        if scheduler.prediction_type not in ("epsilon", "sample"):
+            raise ValueError(f"SDSeg's loss is for epsilon or sample prediction, got {scheduler.prediction_type!r}")
         self.scheduler, self.seg_weight = scheduler, seg_weight
+        self.simple_key = "x0" if scheduler.prediction_type == "sample" else "noise"
         self.last_terms: dict[str, float] = {}
 
     def forward(self, pred: torch.Tensor, target: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """pred ε̂ (B, 4, h, w); target from :class:`LatentPrepareBatch` → scalar loss."""
-        simple = (pred - target["noise"]).abs().mean()
+        """pred ε̂ or ẑ0 (B, 4, h, w); target from :class:`LatentPrepareBatch` → scalar loss."""
+        simple = (pred - target[self.simple_key]).abs().mean()
         z0_hat = self.scheduler.predict_x0(pred, target["timesteps"], target["x_t"])
         seg = (z0_hat - target["x0"]).abs().mean()
         self.last_terms = {"simple": float(simple), "seg": float(seg)}

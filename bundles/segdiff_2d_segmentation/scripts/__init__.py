@@ -1,5 +1,5 @@
-"""Bundle code of segdiff_2d_segmentation: SegDiff's RRDB-conditioned U-Net, feed-forward training, evaluation, data."""
+"""Bundle code of segdiff_2d_segmentation: SegDiff's RRDB-conditioned U-Net, evaluation, data."""
 
-from . import evaluation, feedforward, network, transforms
+from . import evaluation, network, transforms
 
-__all__ = ["evaluation", "feedforward", "network", "transforms"]
+__all__ = ["evaluation", "network", "transforms"]
