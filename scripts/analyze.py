@@ -10,6 +10,7 @@ with the weights of ``--ckpt`` (default: the config's ``ckpt_path``).
     python scripts/analyze.py compare --bundle bundles/<name> --ckpt <diffusion.pt> --other_ckpt <ff.pt>
         --other_configs "['train_feedforward.json']" --output <dir>
     python scripts/analyze.py stability --bundle bundles/<name> --output <dir> [--seeds "[0,1,2]"]
+    python scripts/analyze.py curves --runs a/curve.csv,b/curve.csv --labels diffusion,feed-forward --output x.png
 
 ``python scripts/analyze.py <analysis> --help`` documents each one.
 """
@@ -32,6 +33,7 @@ from diffseg.analysis import (
     write_csv,
 )
 from diffseg.bundles import bundle_imports, bundle_parser
+from diffseg.curves import curve_summary, plot_curves, read_curve
 from diffseg.metrics import reliability_data, seed_stability
 
 
@@ -196,5 +198,45 @@ def stability(
     return rows
 
 
+def _names(value: str | Sequence[str]) -> list[str]:
+    """Fire passes ``a,b`` as a string or a tuple."""
+    return [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v) for v in value]
+
+
+def curves(
+    runs: str | Sequence[str],
+    output: str,
+    labels: str | Sequence[str] | None = None,
+    metric: str = "val_mean_dice",
+) -> list[dict]:
+    """Several trainings in one figure: loss and ``metric`` against wall minutes from their ``curve.csv`` files
+    (written by every bundle's ``train.json``) → ``output`` (PNG); prints and returns each run's best and final
+    ``metric`` with the wall minutes at which they were reached."""
+    paths = _names(runs)
+    names = _names(labels) if labels is not None else [Path(p).parent.name for p in paths]
+    if len(names) != len(paths):
+        raise ValueError(f"{len(paths)} runs but {len(names)} labels: give one label per curve.csv")
+    data = {name: read_curve(path) for name, path in zip(names, paths, strict=True)}
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    plot_curves(data, output, metric)
+    rows = [{"run": name, **curve_summary(rows, metric)} for name, rows in data.items()]
+    print(f"| run | best {metric} | at min | final {metric} | at min | iterations |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['run']} | {r['best']:.4f} | {r['best_minutes']:.1f} | {r['final']:.4f} | "
+            f"{r['final_minutes']:.1f} | {r['final_iteration']:.0f} |"
+        )
+    return rows
+
+
 if __name__ == "__main__":
-    fire.Fire({"fingerprint": fingerprint, "calibration": calibration, "compare": compare, "stability": stability})
+    fire.Fire(
+        {
+            "fingerprint": fingerprint,
+            "calibration": calibration,
+            "compare": compare,
+            "stability": stability,
+            "curves": curves,
+        }
+    )

@@ -3,8 +3,8 @@ the :class:`LearningCurve` handler, and several runs drawn in one figure (``scri
 
 ``curve.csv`` has one row per logged iteration (``wall_seconds, iteration, epoch, loss, loss_<term>…, lr``) and one
 per validation (``wall_seconds, iteration, epoch, lr, val_mean_dice, val_dice_<class>…``); empty cells where a row has
-no value. ``wall_seconds`` is the training clock (summed over resumed runs). A resumed run keeps the rows up to the
-iteration it continues from.
+no value. ``wall_seconds`` is the training clock (summed over resumed runs). Rows are appended as they come (a killed
+run keeps them); a resumed run keeps the rows up to the iteration it continues from.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import csv
 import math
 import os
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,16 +31,28 @@ FIXED = ["wall_seconds", "iteration", "epoch", "loss"]
 
 
 def read_curve(path: str | os.PathLike) -> list[dict[str, float]]:
-    """The rows of a ``curve.csv``; empty cells are left out of each row's mapping."""
+    """The rows of a ``curve.csv``; empty cells are left out of each row's mapping, and a row cut short by a killed
+    run is dropped."""
+    rows = []
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+        for row in csv.DictReader(f):
+            try:
+                rows.append({k: float(v) for k, v in row.items() if v not in ("", None) and k is not None})
+            except ValueError:
+                continue
+    return rows
 
 
-def _write_rows(path: Path, rows: Sequence[Mapping[str, float]]) -> None:
-    """Atomically (re)write ``rows`` as CSV; columns: the fixed ones, then the others in order of appearance."""
+def _columns(rows: Sequence[Mapping[str, float]]) -> list[str]:
+    """The fixed columns first, then the others in order of appearance."""
     columns = [c for c in FIXED if any(c in r for r in rows)]
     for row in rows:
         columns += [k for k in row if k not in columns]
+    return columns
+
+
+def _write_rows(path: Path, rows: Sequence[Mapping[str, float]], columns: Sequence[str]) -> None:
+    """Atomically rewrite ``path`` with ``rows``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -118,7 +129,6 @@ class LearningCurve:
         metric_name: the validator's key metric.
         class_names: names of the foreground classes for the per-class columns (default ``1, 2, …``).
         log_interval: iterations between training rows.
-        write_seconds: the CSV is rewritten at most this often between validations (and always at the end).
     """
 
     def __init__(
@@ -129,17 +139,16 @@ class LearningCurve:
         metric_name: str = "val_mean_dice",
         class_names: Sequence[str] | None = None,
         log_interval: int = 10,
-        write_seconds: float = 10.0,
     ) -> None:
         if log_interval < 1:
             raise ValueError(f"log_interval={log_interval} must be ≥ 1")
         self.dir, self.clock, self.validator, self.metric_name = Path(output_dir), clock, validator, metric_name
-        self.class_names, self.log_interval, self.write_seconds = class_names, log_interval, write_seconds
+        self.class_names, self.log_interval = class_names, log_interval
         self.csv_path, self.png_path = self.dir / "curve.csv", self.dir / "curve.png"
         self.rows: list[dict[str, float]] = []
         self._trainer: Engine | None = None
         self._lr = float("nan")
-        self._written = 0.0
+        self._written: tuple[list[str], int] = ([], 0)  # (columns, rows) in the file
         self._started = False
 
     def attach(self, engine: Engine) -> None:
@@ -178,8 +187,7 @@ class LearningCurve:
             row[f"loss_{name}"] = float(value)
         row["lr"] = self._lr
         self.rows.append(row)
-        if time.monotonic() - self._written >= self.write_seconds:
-            self.write()
+        self.write()
 
     def _log_validation(self, validator: Engine) -> None:
         if self._trainer is None or self._trainer.state.iteration == 0:
@@ -198,12 +206,19 @@ class LearningCurve:
         self.write(plot=True)
 
     def write(self, plot: bool = False) -> None:
-        """Rewrite ``curve.csv`` (and redraw ``curve.png``)."""
+        """Bring ``curve.csv`` up to date: new rows are appended while the columns stay the same, the file is
+        rewritten atomically when a column appears; ``plot`` redraws ``curve.png``."""
         if not self.rows:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        _write_rows(self.csv_path, self.rows)
-        self._written = time.monotonic()
+        columns = _columns(self.rows)
+        written_columns, written_rows = self._written
+        if columns == written_columns and self.csv_path.is_file():
+            with open(self.csv_path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=columns).writerows(self.rows[written_rows:])
+        else:
+            _write_rows(self.csv_path, self.rows, columns)
+        self._written = (columns, len(self.rows))
         if plot:
             plot_curves({self.dir.name or "run": self.rows}, self.png_path, self.metric_name)
 

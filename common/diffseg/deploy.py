@@ -11,7 +11,10 @@ steps are taken out of ``postprocessing``: their writers are called here with te
   and the previous case's files are written in another;
 - **robust**: a failing case becomes a ``"failed"`` manifest entry with the reason and the batch goes on; every
   output is written to a temporary name in the case folder and renamed (``os.replace``) when complete, and the
-  manifest entry is written after the outputs, so after ``kill -9`` a file at a final name is always complete;
+  manifest entry is written after the outputs, so after ``kill -9`` a file at a final name is always complete; a
+  DICOM instance the series reader cannot decode (or silently drops) fails its series, naming the file;
+- **accounted**: the manifest's ``files_found`` input files are each counted in one entry's ``files`` or listed in
+  ``skipped_files`` with the reason (:func:`diffseg.discovery.scan`);
 - **resumable**: with ``resume=True`` a case is skipped when the manifest says ``"ok"`` and its outputs exist;
 - **sharded**: under ``torchrun`` (``WORLD_SIZE`` > 1) rank r takes cases r, r + N, …, writes
   ``manifest.rank<r>.json``, and rank 0 merges them into ``manifest.json`` after a barrier.
@@ -44,7 +47,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, SaveImage
 from tqdm.auto import tqdm
 
 from diffseg.bundles import bundle_imports, bundle_parser
-from diffseg.discovery import Case, discover, unique_ids
+from diffseg.discovery import Case, pixel_data_problem, scan, unique_ids
 from diffseg.io import CheckImaged
 
 __all__ = [
@@ -291,7 +294,7 @@ def _load(model: BundleModel, case: Case, work: Path) -> _Loaded:
             for i, f in enumerate(case.files):
                 os.symlink(os.path.abspath(f), loaded.workdir / f"{i:05d}.dcm")
             source = str(loaded.workdir)
-        data = model.preprocessing({model.image_key: source}, end=model.raw_end)
+        data = _read(model, case, source)
         loaded.raw = data[model.image_key]
         loaded.data = model.preprocessing(dict(data), start=model.raw_end)
     except Exception as e:
@@ -300,6 +303,26 @@ def _load(model: BundleModel, case: Case, work: Path) -> _Loaded:
         loaded.error = f"reading/preprocessing failed: {reason if name in reason else f'{name}: {reason}'}"
     loaded.seconds = time.perf_counter() - start
     return loaded
+
+
+def _read(model: BundleModel, case: Case, source: str) -> dict:
+    """The bundle's read steps on ``source``. A DICOM series whose reader fails or returns fewer slices than the
+    case has instances (ITK drops undecodable files silently) raises naming the first file pydicom cannot decode."""
+    data, error = None, None
+    try:
+        data = model.preprocessing({model.image_key: source}, end=model.raw_end)
+    except Exception as e:
+        if case.kind != "dicom":
+            raise
+        error = e
+    slices = None if data is None else int(data[model.image_key].shape[-1])
+    if case.kind == "dicom" and slices != len(case.files):
+        problems = ((f, pixel_data_problem(f)) for f in case.files)
+        broken = next((f"{os.path.relpath(f, case.input)}: {p}" for f, p in problems if p), None)
+        if error is not None and broken is None:
+            raise error
+        raise ValueError(broken or f"the reader returned {slices} slices for {len(case.files)} instances")
+    return data
 
 
 def _reason(exc: BaseException) -> str:
@@ -471,7 +494,8 @@ def segment_folder(
         model.network.progress = progress  # tqdm over sampling steps
     rank, world = dist_info()
     inputs = [input_path] if isinstance(input_path, (str, os.PathLike)) else list(input_path)
-    cases = unique_ids([case for path in inputs for case in discover(path, model.spatial_dims)])
+    inventories = [scan(path, model.spatial_dims) for path in inputs]
+    cases = unique_ids([case for inventory in inventories for case in inventory.cases])
     mine = cases[rank::world]
     previous = read_manifest(output) if resume else {}
     header = {
@@ -479,6 +503,8 @@ def segment_folder(
         "version": model.version,
         "seed": model.settings.get("seed"),
         "settings": {**model.settings, "formats": list(formats), "runtime": runtime, "input": [str(p) for p in inputs]},
+        "files_found": sum(inventory.found for inventory in inventories),
+        "skipped_files": [{"file": f, "reason": r} for inv in inventories for f, r in inv.skipped_files.items()],
     }
     manifest_path = output / (MANIFEST if world == 1 else f"manifest.rank{rank}.json")
     order = {case.id: i for i, case in enumerate(mine)}
@@ -496,7 +522,7 @@ def segment_folder(
         if case.status is not None:
             record(_entry(case, case.status, case.error, [], 0.0))
         elif resume and _complete(previous.get(case.id), output):
-            record({**previous[case.id], "resumed": True})
+            record({**previous[case.id], **_accounting(case), "resumed": True})
         else:
             todo.append(case)
     work = output / ".work"
@@ -527,8 +553,14 @@ def segment_folder(
     return read_manifest_file(output) if rank == 0 else {**header, "cases": entries}
 
 
+def _accounting(case: Case) -> dict[str, Any]:
+    """``input`` (the folders of a DICOM series from several, else the case's input) and ``files`` (how many input
+    files the case accounts for)."""
+    return {"input": list(case.folders) if len(case.folders) > 1 else case.input, "files": len(case.sources)}
+
+
 def _entry(case: Case, status: str, error: str, outputs: list[str], seconds: float, **extra: Any) -> dict:
-    entry = {"id": case.id, "input": case.input, "status": status, "error": error, "outputs": outputs}
+    entry = {"id": case.id, **_accounting(case), "status": status, "error": error, "outputs": outputs}
     entry["seconds"] = round(seconds, 3)
     if case.kind == "dicom" and case.files:
         entry["instances"] = len(case.files)

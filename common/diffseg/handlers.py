@@ -428,5 +428,5 @@ class PeriodicValidation(ValidationHandler):
         state = generators.state_dict()
         try:
             super().__call__(engine)
-        finally:  # validation never consumes the training's random numbers: a run is the same however often it validates
+        finally:  # validation never consumes the training's random numbers
             generators.load_state_dict(state)

@@ -36,6 +36,7 @@ __all__ = [
     "check_metadata",
     "check_feedforward_input",
     "check_net_in_out",
+    "check_resumable_training",
     "bad_volume_cases",
     "bad_volume_folder",
     "error_text",
@@ -141,6 +142,42 @@ def train_and_evaluate_twin(bundle: str | Path, metrics_csv: Path, **override: A
     dice = float(rows["val_mean_dice"])
     assert 0.0 <= dice <= 1.0
     return dice
+
+
+def check_resumable_training(
+    bundle: str | Path,
+    configs: Sequence[str],
+    epochs_id: str = "max_epochs",
+    weights: str = "model.pt",
+    curve_dir: str | Path | None = None,
+    **override: Any,
+) -> None:
+    """A training config through ``monai.bundle run`` for one epoch, then continued with ``resume`` to two: the
+    training checkpoint (``<weights stem>.checkpoint.pt``) carries the trainer's iteration and continues it, the
+    shipped ``weights`` stay a plain ``weights_only`` state_dict (the EMA's, differing from the live weights, when
+    ``ema_decay`` is set), and ``curve.csv`` (in ``curve_dir``, default ``output_dir``) has a loss and an LR for every
+    iteration of both runs. ``override`` sizes the run and names ``ckpt_dir`` / ``output_dir``."""
+    import torch
+
+    from diffseg.curves import read_curve
+    from diffseg.handlers import checkpoint_name
+
+    ckpt_dir, args = Path(override["ckpt_dir"]), {**override, "curve_log_interval": 1}
+    run_bundle(bundle, configs, **{**args, epochs_id: 1})
+    per_epoch = torch.load(ckpt_dir / checkpoint_name(weights), weights_only=True)["trainer"]["iteration"]
+    assert per_epoch >= 1
+    run_bundle(bundle, configs, **{**args, epochs_id: 2, "resume": True})
+    state = torch.load(ckpt_dir / checkpoint_name(weights), weights_only=True)
+    assert state["trainer"]["iteration"] == 2 * per_epoch and state["clock"]["seconds"] > 0
+    shipped = torch.load(ckpt_dir / weights, weights_only=True)
+    assert shipped and all(isinstance(v, torch.Tensor) for v in shipped.values())
+    if override.get("ema_decay") is not None:
+        assert shipped.keys() == state["model"].keys()
+        assert any(not torch.equal(shipped[k], state["model"][k]) for k in shipped)
+    rows = read_curve(Path(curve_dir or override["output_dir"]) / "curve.csv")
+    logged = [r for r in rows if "loss" in r]
+    assert [int(r["iteration"]) for r in logged] == list(range(1, 2 * per_epoch + 1))
+    assert all("lr" in r and r["lr"] > 0 for r in logged)
 
 
 def check_metadata(bundle: str | Path) -> None:

@@ -18,6 +18,7 @@ from bundle_testing import (
     bundle_imports,
     check_metadata,
     check_net_in_out,
+    check_resumable_training,
     error_text,
     infer_images,
     load_config,
@@ -229,6 +230,14 @@ def test_head_training_leaves_the_backbone_frozen(tmp_path, feature_cache):
     for key, value in loaded.items():  # the pretrained weights were loaded and stayed unchanged
         torch.testing.assert_close(after["extractor.backbone." + key], value, rtol=0, atol=0)
     assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith("head."))
+
+
+def test_pretraining_and_head_training_stop_and_resume(tmp_path):
+    write_dataset(tmp_path / "data")
+    backbone = tmp_path / "ckpt" / "backbone.pt"
+    common = train_common(tmp_path, str(backbone))
+    check_resumable_training(BUNDLE, ["pretrain.json"], weights="backbone.pt", ema_decay=0.5, **common)
+    check_resumable_training(BUNDLE, ["train.json"], val_interval=1, ema_decay=0.5, **common)
 
 
 def test_random_backbone_control_skips_the_pretrained_weights(tmp_path):

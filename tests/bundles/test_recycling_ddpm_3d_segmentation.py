@@ -18,6 +18,7 @@ from bundle_testing import (
     check_feedforward_input,
     check_metadata,
     check_net_in_out,
+    check_resumable_training,
     error_text,
     infer_images,
     load_config,
@@ -191,6 +192,14 @@ def test_two_training_iterations_then_evaluate(tmp_path):
     for name in ("val_mean_dice", "val_hd95", "val_ece"):
         assert name in metrics
     assert (tmp_path / "eval" / "val_mean_dice_raw.csv").exists()
+
+
+def test_training_stops_resumes_and_ships_ema_weights(tmp_path):
+    write_dataset(tmp_path / "data")
+    check_resumable_training(
+        BUNDLE, ["train.json"], **TINY, dataset_dir=str(tmp_path / "data"), ckpt_dir=str(tmp_path / "ckpt"),
+        output_dir=str(tmp_path / "eval"), patch_size=[32, 32, 16], cache_rate=0.0, val_interval=1, ema_decay=0.5,
+    )  # fmt: skip
 
 
 def test_recycling_first_pass_has_no_gradient_and_the_second_trains(tmp_path):

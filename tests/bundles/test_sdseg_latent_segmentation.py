@@ -17,6 +17,7 @@ from bundle_testing import (
     check_feedforward_input,
     check_metadata,
     check_net_in_out,
+    check_resumable_training,
     error_text,
     infer_images,
     load_config,
@@ -310,6 +311,17 @@ def write_dataset(root, n=2):
         write_nifti(root / f"lab{i}.nii.gz", label, affine)
         entries.append({"image": f"img{i}.nii.gz", "label": f"lab{i}.nii.gz"})
     (root / "dataset.json").write_text(json.dumps({"training": entries[:-1], "validation": entries[-1:]}))
+
+
+def test_autoencoder_and_diffusion_trainings_stop_and_resume(tmp_path):
+    write_dataset(tmp_path / "data")
+    common = {**TINY, "dataset_dir": str(tmp_path / "data"), "ckpt_dir": str(tmp_path / "ckpt"),
+              "output_dir": str(tmp_path / "eval"), "patch_size": [32, 32], "slices_per_volume": 2}  # fmt: skip
+    check_resumable_training(
+        BUNDLE, ["train.json", "train_autoencoder.json"], "ae_max_epochs", "autoencoder.pt",
+        tmp_path / "eval" / "autoencoder", ae_val_interval=1, **common,
+    )  # fmt: skip
+    check_resumable_training(BUNDLE, ["train.json"], val_interval=1, ema_decay=0.5, **common)
 
 
 def test_autoencoder_then_diffusion_training_then_evaluation(tmp_path):

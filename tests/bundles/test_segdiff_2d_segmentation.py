@@ -17,6 +17,7 @@ from bundle_testing import (
     check_feedforward_input,
     check_metadata,
     check_net_in_out,
+    check_resumable_training,
     load_config,
     read_nifti,
     run_bundle,
@@ -253,6 +254,11 @@ def test_two_training_iterations_then_evaluate(tmp_path, tiny_dataset):
         assert (tmp_path / "eval" / f"N{n}" / "metrics.csv").exists()
     after = torch.load(ckpt, weights_only=True)
     assert all(torch.equal(before[k], after[k]) for k in before)  # evaluation does not train
+
+
+def test_training_stops_resumes_and_ships_ema_weights(tmp_path, tiny_dataset):
+    args = {**train_args(tiny_dataset, tmp_path), "ema_decay": 0.5}
+    check_resumable_training(BUNDLE, ["train.json"], "epochs", **args)
 
 
 def test_training_counts_two_iterations_and_changes_weights(tmp_path, tiny_dataset):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import os
+import shutil
+import subprocess
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,7 @@ import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-__all__ = ["pydicom_file", "write_ct_series"]
+__all__ = ["SCENARIOS", "copied_series", "dciodvfy_errors", "pydicom_file", "write_ct_series"]
 
 
 def pydicom_file(name: str) -> str:
@@ -65,3 +68,56 @@ def write_ct_series(
         ds.save_as(folder / name, enforce_file_format=True)
         paths.append(folder / name)
     return paths
+
+
+VR_SUMMARY = "contains invalid data values for Value Representations"
+
+
+def dciodvfy_errors(
+    path: str | os.PathLike[str], sources: Iterable[str | os.PathLike[str]] = ()
+) -> tuple[list[str], list[str]]:
+    """(own, inherited) ``Error`` lines of dicom3tools' ``dciodvfy`` (an independent IOD validator) on ``path``;
+    *inherited* lines are about a UID value of the ``sources`` (the series the SEG references), with the summary
+    line they cause. ``make test`` installs dicom3tools."""
+    exe = shutil.which("dciodvfy")
+    if exe is None:
+        raise RuntimeError("dciodvfy not found: install the Debian package dicom3tools (`make test` does)")
+    done = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=300)
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if line.strip().startswith("Error")]
+    uids = {
+        str(value)
+        for source in sources
+        for element in pydicom.dcmread(source, stop_before_pixels=True).iterall()
+        if element.VR == "UI"
+        for value in (element.value if element.VM > 1 else [element.value])
+        if str(value)
+    }
+    inherited = [line for line in errors if any(f"<{uid}>" in line for uid in uids)]
+    own = [line for line in errors if line not in inherited]
+    if inherited:
+        inherited += [line for line in own if VR_SUMMARY in line]
+        own = [line for line in own if VR_SUMMARY not in line]
+    return own, inherited
+
+
+SCENARIOS = ("twice", "truncated_copy", "only_copy_truncated", "split")
+BROKEN = 4  # the instance (in file-name order) that is truncated
+
+
+def copied_series(series: Path, root: Path) -> tuple[dict[str, Path], str]:
+    """The real ``series`` copied into one input folder per scenario under ``root``: ``twice`` (two identical copies,
+    ``a/`` and ``b/``), ``truncated_copy`` (``ct/`` and a copy of one file cut in half in ``other/``),
+    ``only_copy_truncated`` (``ct/`` with that file cut in half), ``split`` (``part1/``, ``part2/``: alternate files).
+    Returns (scenario → input folder, the name of the truncated file)."""
+    files = sorted(p for p in series.iterdir() if p.is_file())
+    broken = files[BROKEN]
+    half = broken.read_bytes()[: broken.stat().st_size // 2]
+    for name in ("twice/a", "twice/b", "truncated_copy/ct", "only_copy_truncated/ct"):
+        shutil.copytree(series, root / name)
+    (root / "truncated_copy" / "other").mkdir()
+    (root / "truncated_copy" / "other" / broken.name).write_bytes(half)
+    (root / "only_copy_truncated" / "ct" / broken.name).write_bytes(half)
+    for i, path in enumerate(files):
+        (root / "split" / f"part{i % 2 + 1}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, root / "split" / f"part{i % 2 + 1}" / path.name)
+    return {name: root / name for name in SCENARIOS}, broken.name

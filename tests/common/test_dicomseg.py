@@ -6,7 +6,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from dicom_testing import write_ct_series
+from dicom_testing import dciodvfy_errors, write_ct_series
 from monai.transforms import LoadImage
 
 from diffseg.dicomseg import label_on_dicom_grid, property_codes, read_sources, write_dicom_seg
@@ -77,3 +77,23 @@ def test_pixels_outside_the_label_volume_are_background(tmp_path):
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     affine[:3, 3] = 1e4  # far away from the series
     assert not label_on_dicom_grid(np.ones((4, 4, 4), np.uint8), affine, sources).any()
+
+
+def test_dciodvfy_finds_no_errors_of_the_seg_itself(tmp_path):
+    """dicom3tools' validator: a SEG of a clean series has no Error line; one of a series with invalid UIDs has
+    exactly the errors about those inherited UIDs, which the helper separates from the SEG's own."""
+    for name, attributes in {
+        "clean": {},
+        "bad_uids": {"series_uid": "1.2.03.4", "StudyInstanceUID": "1.2.3.04.5"},
+    }.items():
+        files = write_ct_series(tmp_path / name, slices=2, **attributes)
+        label = np.zeros((128, 128, 2), np.uint8)
+        label[10:40, 20:60] = 1
+        affine = LoadImage(image_only=True)(str(tmp_path / name)).affine.numpy()
+        write_dicom_seg(label, affine, files, CLASSES, tmp_path / f"{name}.dcm", "my_bundle", "1.2.3")
+        own, inherited = dciodvfy_errors(tmp_path / f"{name}.dcm", files)
+        assert own == [], own
+        if name == "clean":
+            assert inherited == []
+        else:
+            assert any("<1.2.03.4>" in line for line in inherited) and any("<1.2.3.04.5>" in line for line in inherited)

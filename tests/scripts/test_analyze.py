@@ -75,3 +75,24 @@ def test_help_documents_each_analysis():
     for name in ("fingerprint", "calibration", "compare", "stability"):
         text = fire.helptext.HelpText(getattr(analyze, name), trace=fire.trace.FireTrace(None, name=name))
         assert "BUNDLE" in text and "OUTPUT" in text and getattr(analyze, name).__doc__.split()[0] in text
+
+
+def test_curves_draws_runs_and_reports_best_and_final(tmp_path, capsys):
+    paths = []
+    for name, dice in (("diffusion", [0.2, 0.6, 0.5]), ("twin", [0.3, 0.4, 0.45])):
+        path = tmp_path / name / "curve.csv"
+        path.parent.mkdir()
+        lines = ["wall_seconds,iteration,epoch,loss,lr,val_mean_dice"]
+        lines += [f"{60 * i + 30},{10 * i + 5},{i},{1.0 / (i + 1)},0.001," for i in range(3)]
+        lines += [f"{60 * (i + 1)},{10 * (i + 1)},{i + 1},,0.001,{d}" for i, d in enumerate(dice)]
+        path.write_text("\n".join(lines) + "\n")
+        paths.append(str(path))
+    table = analyze.curves(",".join(paths), str(tmp_path / "both.png"), labels="diffusion,feed-forward")
+    assert [r["run"] for r in table] == ["diffusion", "feed-forward"]
+    assert table[0]["best"] == 0.6 and table[0]["best_minutes"] == 2.0 and table[0]["final"] == 0.5
+    assert table[1]["best"] == table[1]["final"] == 0.45 and table[1]["final_iteration"] == 30
+    assert "| diffusion | 0.6000 | 2.0 | 0.5000 | 3.0 | 30 |" in capsys.readouterr().out
+    with Image.open(tmp_path / "both.png") as img:
+        assert img.format == "PNG"
+    with pytest.raises(ValueError, match="2 runs but 1 labels"):
+        analyze.curves(paths, str(tmp_path / "x.png"), labels="one")

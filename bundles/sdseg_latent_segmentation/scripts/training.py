@@ -106,7 +106,7 @@ class LatentEstimationLoss(nn.Module):
         simple = (pred - target[self.simple_key]).abs().mean()
         z0_hat = self.scheduler.predict_x0(pred, target["timesteps"], target["x_t"])
         seg = (z0_hat - target["x0"]).abs().mean()
-        self.last_terms = {"simple": float(simple), "seg": float(seg)}
+        self.last_terms = {"simple": float(simple.detach()), "seg": float(seg.detach())}
         return simple + self.seg_weight * seg
 
 
