@@ -2,7 +2,7 @@
 PYTHON ?= python
 PYTEST_ARGS ?=
 
-.PHONY: install data demo test lint monailabel-env test-monailabel
+.PHONY: install data demo test lint dicom3tools monailabel-env test-monailabel
 
 install:  ## the pinned stack + the diffseg package (pip install -r requirements.txt)
 	$(PYTHON) -m pip install -r requirements.txt
@@ -26,7 +26,10 @@ lint: install
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 
-test: data lint test-monailabel  ## the README test command; .ci/run calls exactly this
+dicom3tools:  ## dciodvfy, the independent DICOM validator the SEG tests run (Debian package dicom3tools; idempotent)
+	command -v dciodvfy >/dev/null || (apt-get update && apt-get install -y dicom3tools)
+
+test: data lint dicom3tools test-monailabel  ## the README test command; .ci/run calls exactly this
 	$(PYTHON) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5)"; exit 0; fi; exit $$rc
 

@@ -211,7 +211,7 @@ def curves(
 ) -> list[dict]:
     """Several trainings in one figure: loss and ``metric`` against wall minutes from their ``curve.csv`` files
     (written by every bundle's ``train.json``) → ``output`` (PNG); prints and returns each run's best and final
-    ``metric`` with the wall minutes at which they were reached."""
+    ``metric`` with the wall minutes at which they were reached, its iterations and seconds per iteration."""
     paths = _names(runs)
     names = _names(labels) if labels is not None else [Path(p).parent.name for p in paths]
     if len(names) != len(paths):
@@ -220,12 +220,12 @@ def curves(
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     plot_curves(data, output, metric)
     rows = [{"run": name, **curve_summary(rows, metric)} for name, rows in data.items()]
-    print(f"| run | best {metric} | at min | final {metric} | at min | iterations |")
-    print("|---|---|---|---|---|---|")
+    print(f"| run | best {metric} | at min | final {metric} | at min | iterations | s/iteration |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['run']} | {r['best']:.4f} | {r['best_minutes']:.1f} | {r['final']:.4f} | "
-            f"{r['final_minutes']:.1f} | {r['final_iteration']:.0f} |"
+            f"{r['final_minutes']:.1f} | {r['final_iteration']:.0f} | {r['seconds_per_iteration']:.2f} |"
         )
     return rows
 

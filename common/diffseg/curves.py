@@ -99,20 +99,25 @@ def plot_curves(
 
 
 def curve_summary(rows: Sequence[Mapping[str, float]], metric: str = "val_mean_dice") -> dict[str, float]:
-    """Best and final ``metric`` of a run, with their iteration and wall minutes (NaN without validations)."""
-    validated = [r for r in rows if metric in r]
-    if not validated:
-        nan = float("nan")
-        return {"best": nan, "best_minutes": nan, "final": nan, "final_minutes": nan, "final_iteration": nan}
-    best = max(validated, key=lambda r: r[metric])
-    last = validated[-1]
-    return {
-        "best": best[metric],
-        "best_minutes": best["wall_seconds"] / 60,
-        "final": last[metric],
-        "final_minutes": last["wall_seconds"] / 60,
-        "final_iteration": last["iteration"],
+    """Best and final ``metric`` of a run with their wall minutes (NaN without validations), its iterations and
+    training seconds per iteration (validation included)."""
+    nan = float("nan")
+    last = max(rows, key=lambda r: (r.get("iteration", 0), r["wall_seconds"]), default=None)
+    iterations = last["iteration"] if last else nan
+    summary = {
+        "best": nan,
+        "best_minutes": nan,
+        "final": nan,
+        "final_minutes": nan,
+        "final_iteration": iterations,
+        "seconds_per_iteration": last["wall_seconds"] / iterations if last and iterations else nan,
     }
+    validated = [r for r in rows if metric in r]
+    if validated:
+        best = max(validated, key=lambda r: r[metric])
+        summary.update(best=best[metric], best_minutes=best["wall_seconds"] / 60)
+        summary.update(final=validated[-1][metric], final_minutes=validated[-1]["wall_seconds"] / 60)
+    return summary
 
 
 class LearningCurve:

@@ -219,24 +219,27 @@ def _pixel_problem(header, start: int, path: str, decode: bool = False) -> str |
 
     if any(k in header for k in ("FloatPixelData", "DoubleFloatPixelData")):
         return None
-    with warnings.catch_warnings():  # a truncated encapsulated Pixel Data: pydicom warns, returns an empty dataset
-        warnings.simplefilter("ignore", UserWarning)
-        full = pydicom.dcmread(path, force=True)
-    syntax = getattr(getattr(header, "file_meta", None), "TransferSyntaxUID", None)
-    if syntax is not None and syntax.is_encapsulated:
-        if "PixelData" not in full:
-            got = os.path.getsize(path) - start
-            return f"truncated pixel data (the file ends {got} bytes into the encapsulated {syntax.name} frames)"
-    else:
-        expected = get_expected_length(header, "bytes")
-        got = len(full.PixelData) if "PixelData" in full else 0
-        if got < expected:
-            return f"truncated pixel data (expected {expected} bytes, got {got})"
+    step = "read"
     try:
+        with warnings.catch_warnings():  # a truncated encapsulated Pixel Data: pydicom warns, returns an empty dataset
+            warnings.simplefilter("ignore", UserWarning)
+            full = pydicom.dcmread(path, force=True)
+        syntax = getattr(getattr(header, "file_meta", None), "TransferSyntaxUID", None)
+        if syntax is not None and syntax.is_encapsulated:
+            if "PixelData" not in full:
+                got = os.path.getsize(path) - start
+                return f"truncated pixel data (the file ends {got} bytes into the encapsulated {syntax.name} frames)"
+        else:
+            expected = get_expected_length(header, "bytes")
+            got = len(full.PixelData) if "PixelData" in full else 0
+            if got < expected:
+                return f"truncated pixel data (expected {expected} bytes, got {got})"
         if decode:
+            step = "decoded"
             full.pixel_array  # noqa: B018 - decoding is the check
-    except Exception as e:  # the decoders raise many types
-        return f"pixel data cannot be decoded ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
+    except Exception as e:  # pydicom and the decoders raise many types
+        message = re.sub(r" at 0x[0-9a-f]+", "", " ".join(str(e).split()))  # no object addresses: reproducible
+        return f"pixel data cannot be {step} ({type(e).__name__}: {message[:300]})"
     return None
 
 

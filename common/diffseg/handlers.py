@@ -110,7 +110,8 @@ class TrainingClock:
         if self.max_minutes is not None and now >= self.max_minutes * 60:
             stop = True
         if idist.get_world_size() > 1:
-            shared = idist.all_reduce(torch.tensor([now if idist.get_rank() == 0 else 0.0, float(stop)]))
+            mine = torch.tensor([now if idist.get_rank() == 0 else 0.0, float(stop)], device=idist.device())
+            shared = idist.all_reduce(mine).cpu()
             now, stop = float(shared[0]), bool(shared[1] > 0)
         self.now = now
         if stop and not engine.should_terminate:

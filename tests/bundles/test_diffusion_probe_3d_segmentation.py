@@ -351,6 +351,35 @@ def test_window_averaged_features_equal_whole_volume_features():
         net.features(x, noise)
 
 
+@pytest.mark.parametrize("draws", [8, 1])
+def test_feature_cache_keeps_k_noise_draws_per_volume_and_batches_sample_among_them(draws):
+    with bundle_imports(BUNDLE):
+        from scripts.probe import CachedFeaturePrepareBatch
+    net = parsed("network_def").eval()  # after a validation: the cache must still draw fresh (not seeded) noise
+    net.extractor.backbone = per_voxel_backbone(4)
+    prepare = CachedFeaturePrepareBatch(net, patch_size=[8, 8, 8], draws=draws)
+    image = MetaTensor(torch.rand(1, 4, 16, 16, 16) * 2 - 1, meta={"filename_or_obj": ["a.nii.gz"]})
+    label = torch.zeros(1, 1, 16, 16, 16, dtype=torch.long)
+    label[..., 4:12, 4:12, 4:12] = 5
+    torch.manual_seed(0)
+    used = []
+    for _ in range(24):
+        crops, labels = prepare({"image": image, "label": label})
+        used.append(prepare.last_draw)
+    assert [c.shape[2:] for c in crops] == [(1, 1, 1), (2, 2, 2), (4, 4, 4), (8, 8, 8)] and labels.shape[0] == 1
+    ((pyramids, _, _),) = prepare.cache.values()
+    assert len(pyramids) == draws
+    torch.manual_seed(0)  # draw k is the k-th noise draw of the seeded global generator: a seeded run is reproducible
+    for pyramid in pyramids:
+        for cached, expected in zip(pyramid, net.features(image, net.draw_noise(image, fresh=True)), strict=True):
+            torch.testing.assert_close(cached, expected)
+    finest = [p[-1] for p in pyramids]
+    assert all(not torch.equal(a, b) for i, a in enumerate(finest) for b in finest[i + 1 :])  # K distinct draws
+    assert len(set(used)) >= (4 if draws > 1 else 1) and set(used) <= set(range(draws))
+    with pytest.raises(ValueError, match="draws=0"):
+        CachedFeaturePrepareBatch(net, patch_size=[8, 8, 8], draws=0)
+
+
 # ---- end to end ------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.data

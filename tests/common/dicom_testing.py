@@ -107,16 +107,16 @@ BROKEN = 4  # the instance (in file-name order) that is truncated
 def copied_series(series: Path, root: Path) -> tuple[dict[str, Path], str]:
     """The real ``series`` copied into one input folder per scenario under ``root``: ``twice`` (two identical copies,
     ``a/`` and ``b/``), ``truncated_copy`` (``ct/`` and a copy of one file cut in half in ``other/``),
-    ``only_copy_truncated`` (``ct/`` with that file cut in half), ``split`` (``part1/``, ``part2/``: alternate files).
-    Returns (scenario → input folder, the name of the truncated file)."""
+    ``only_copy_truncated`` (the series with that file cut in half), ``split`` (``part1/``, ``part2/``: alternate
+    files). Returns (scenario → input folder, the name of the truncated file)."""
     files = sorted(p for p in series.iterdir() if p.is_file())
     broken = files[BROKEN]
     half = broken.read_bytes()[: broken.stat().st_size // 2]
-    for name in ("twice/a", "twice/b", "truncated_copy/ct", "only_copy_truncated/ct"):
+    for name in ("twice/a", "twice/b", "truncated_copy/ct", "only_copy_truncated"):
         shutil.copytree(series, root / name)
     (root / "truncated_copy" / "other").mkdir()
     (root / "truncated_copy" / "other" / broken.name).write_bytes(half)
-    (root / "only_copy_truncated" / "ct" / broken.name).write_bytes(half)
+    (root / "only_copy_truncated" / broken.name).write_bytes(half)
     for i, path in enumerate(files):
         (root / "split" / f"part{i % 2 + 1}").mkdir(parents=True, exist_ok=True)
         shutil.copy(path, root / "split" / f"part{i % 2 + 1}" / path.name)

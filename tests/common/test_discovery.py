@@ -144,7 +144,7 @@ def test_a_truncated_copy_in_another_folder_is_dropped_with_a_note(real_series):
 def test_the_only_copy_of_a_slice_truncated_fails_the_series_naming_the_file(real_series):
     folders, broken = real_series
     case = one_case(folders["only_copy_truncated"])
-    assert case.status == "failed" and case.error.startswith(f"ct/{broken}: truncated pixel data (the file ends ")
+    assert case.status == "failed" and case.error.startswith(f"{broken}: truncated pixel data (the file ends ")
     assert "mixed" not in case.error and "position" not in case.error
 
 

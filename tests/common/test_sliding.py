@@ -9,8 +9,8 @@ from monai.inferers import SlidingWindowInferer
 from monai.transforms import SpatialPad
 
 from diffseg.codecs import BinaryCodec, OneHotCodec
-from diffseg.denoiser import ConditionalDenoiser
 from diffseg.ddpm import DDPMSampler
+from diffseg.denoiser import ConditionalDenoiser
 from diffseg.segmenter import DiffusionSegmenter
 from diffseg.sliding import WindowConsistentInferer, fit_window, pad_spatial
 from diffseg.transforms import SegmenterUncertaintyd

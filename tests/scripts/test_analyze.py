@@ -91,7 +91,8 @@ def test_curves_draws_runs_and_reports_best_and_final(tmp_path, capsys):
     assert [r["run"] for r in table] == ["diffusion", "feed-forward"]
     assert table[0]["best"] == 0.6 and table[0]["best_minutes"] == 2.0 and table[0]["final"] == 0.5
     assert table[1]["best"] == table[1]["final"] == 0.45 and table[1]["final_iteration"] == 30
-    assert "| diffusion | 0.6000 | 2.0 | 0.5000 | 3.0 | 30 |" in capsys.readouterr().out
+    assert table[0]["seconds_per_iteration"] == 6.0
+    assert "| diffusion | 0.6000 | 2.0 | 0.5000 | 3.0 | 30 | 6.00 |" in capsys.readouterr().out
     with Image.open(tmp_path / "both.png") as img:
         assert img.format == "PNG"
     with pytest.raises(ValueError, match="2 runs but 1 labels"):

@@ -1,5 +1,6 @@
 """scripts/segment.py: the folder CLI on the recycling bundle with a tiny network (same label as `monai.bundle run`,
-bad inputs, resume after an interruption, DICOM SEG on real series, two-process torchrun sharding)."""
+bad inputs, resume after an interruption, DICOM SEG on real series checked by dciodvfy, duplicate / truncated /
+undecodable / split real series, every input file accounted for, two-process torchrun sharding)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from pathlib import Path
 import highdicom as hd
 import nibabel as nib
 import numpy as np
-import pydicom
 import pytest
 
 sys.path[:0] = [
@@ -32,7 +32,7 @@ from bundle_testing import (  # noqa: E402
     read_nifti,
     write_nifti,
 )
-from dicom_testing import pydicom_file, write_ct_series  # noqa: E402
+from dicom_testing import copied_series, dciodvfy_errors, pydicom_file, write_ct_series  # noqa: E402
 
 from diffseg.deploy import load_bundle, segment_folder  # noqa: E402
 from diffseg.dicomseg import label_on_dicom_grid, read_sources  # noqa: E402
@@ -91,6 +91,7 @@ def test_outputs_manifest_and_settings(tmp_path, model):
     assert (tmp_path / "out" / "ct" / "overlay.png").read_bytes()[:4] == b"\x89PNG"
     seg = hd.seg.segread(tmp_path / "out" / "ct" / "seg.dcm")
     assert seg.SegmentSequence[0].SegmentLabel == "spleen" and len(seg.SegmentSequence) == 7
+    assert_valid_seg(tmp_path / "out" / "ct" / "seg.dcm", (tmp_path / "in" / "ct").iterdir())
     assert not list((tmp_path / "out").rglob(".*tmp*")) and not (tmp_path / "out" / ".work").exists()
 
 
@@ -207,8 +208,10 @@ def test_kill_9_leaves_only_complete_files_and_resume_finishes(tmp_path, tiny):
     assert all(after[i].get("resumed") for i, c in before.items() if c["status"] == "ok")
 
 
-def sources_of(case_files):
-    return [pydicom.dcmread(f, stop_before_pixels=True) for f in case_files]
+def assert_valid_seg(path: Path, sources) -> None:
+    """dciodvfy reports no Error of the SEG's own (errors about UIDs inherited from ``sources`` aside)."""
+    own, _ = dciodvfy_errors(path, sources)
+    assert own == [], own
 
 
 @pytest.mark.slow
@@ -232,6 +235,7 @@ def test_real_blank_uid_series_gives_a_seg_equal_to_the_nifti_label_on_the_dicom
     assert np.array_equal(got, expected)
     assert (got > 0).sum() == (label > 0).sum()  # the same grid: every labelled voxel lands on one pixel
     assert seg.StudyInstanceUID  # derived (the source has none)
+    assert_valid_seg(tmp_path / "out" / case["id"] / "seg.dcm", files)
     ref = {r.ReferencedSOPInstanceUID for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert ref == set(uids)
 
@@ -253,7 +257,64 @@ def test_odd_transfer_syntaxes_give_the_same_segmentation(tmp_path, tiny):
         assert [c["status"] for c in result["cases"]] == ["ok"], result["cases"]
         labels.append(np.asarray(nib.load(out / name[:-4] / "seg.nii.gz").dataobj))
         assert hd.seg.segread(out / name[:-4] / "seg.dcm").NumberOfFrames >= 1
+        assert_valid_seg(out / name[:-4] / "seg.dcm", [tmp_path / "in" / name[:-4] / name])
     assert all(np.array_equal(labels[0], other) for other in labels[1:])  # lossless codecs, same pixels
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_duplicate_truncated_undecodable_and_split_real_series_with_resume(tmp_path, tiny):
+    from diffseg.data import data_path
+
+    series = data_path("totalsegmentator/example_ct_dicom")
+    folders, broken = copied_series(series, tmp_path / "in")
+    shutil.copytree(series, tmp_path / "in" / "undecodable")
+    data = (tmp_path / "in" / "undecodable" / broken).read_bytes()
+    start = data.index(b"\xff\x4f\xff\x51")  # the JPEG 2000 codestream's SOC + SIZ markers: zeroed, it cannot decode
+    (tmp_path / "in" / "undecodable" / broken).write_bytes(data[:start] + bytes(64) + data[start + 64 :])
+    inputs = [*folders.values(), tmp_path / "in" / "undecodable"]
+    coarse = {**tiny, "pixdim": [14.0, 14.0, 10.0]}  # 29 × 29 × 4 voxels: seconds per case
+    out = tmp_path / "out"
+    result = segment_folder(load_bundle(BUNDLE, overrides=coarse), inputs, out, ("nifti", "dicom_seg"), progress=False)
+    cases = {c["id"]: c for c in result["cases"]}
+    assert {k: c["status"] for k, c in cases.items()} == {
+        "a": "ok", "ct": "ok", "only_copy_truncated": "failed", "split": "ok", "undecodable": "failed"
+    }  # fmt: skip
+    assert [n for n in cases["a"]["notes"] if n.startswith("ignored duplicate b/")] == [
+        f"ignored duplicate b/{f.name}: identical copy of a/{f.name}" for f in sorted(series.iterdir())
+    ]
+    (dropped,) = [n for n in cases["ct"]["notes"] if n.startswith("dropped")]
+    assert dropped.startswith(f"dropped other/{broken}: truncated pixel data (the file ends ")
+    assert dropped.endswith(
+        f"encapsulated JPEG 2000 Image Compression (Lossless Only) frames); its copy ct/{broken} is used"
+    )
+    assert cases["only_copy_truncated"]["error"].startswith(f"{broken}: truncated pixel data (the file ends ")
+    assert cases["undecodable"]["error"].startswith(
+        f"reading/preprocessing failed: undecodable: ValueError: {broken}: pixel data cannot be decoded ("
+    ), cases["undecodable"]["error"]
+    assert cases["split"]["input"] == [str(folders["split"] / "part1"), str(folders["split"] / "part2")]
+    assert cases["a"]["input"] == str(folders["twice"] / "a") and cases["ct"]["input"] == str(
+        folders["truncated_copy"] / "ct"
+    )
+    found = sum(1 for p in (tmp_path / "in").rglob("*") if p.is_file())
+    assert result["files_found"] == found == 121 and result["skipped_files"] == []  # 40 + 21 + 20 + 20 + 20
+    assert sum(c["files"] for c in result["cases"]) == found
+    labels = []
+    for ident in ("a", "ct", "split"):
+        assert cases[ident]["instances"] == 20
+        seg = hd.seg.segread(out / ident / "seg.dcm")
+        assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 20
+        assert_valid_seg(out / ident / "seg.dcm", series.iterdir())
+        labels.append(np.asarray(nib.load(out / ident / "seg.nii.gz").dataobj))
+    assert labels[0].shape == (512, 512, 20) and all(np.array_equal(labels[0], other) for other in labels[1:])
+    stamps = {ident: (out / ident / "seg.dcm").stat().st_mtime_ns for ident in ("a", "ct", "split")}
+    done = cli(coarse, "--input", ",".join(map(str, inputs)), "--output", str(out), "--resume")
+    assert done.returncode == 1, done.stderr[-2000:]  # the two broken series still fail
+    after = manifest(out)
+    assert {k: c["status"] for k, c in after.items()} == {k: c["status"] for k, c in cases.items()}
+    assert all(after[k].get("resumed") and (out / k / "seg.dcm").stat().st_mtime_ns == t for k, t in stamps.items())
+    assert after["undecodable"]["error"] == cases["undecodable"]["error"]
+    assert sum(c["files"] for c in after.values()) == found
 
 
 @pytest.mark.slow
@@ -318,6 +379,7 @@ def test_every_bundle_segments_a_folder_with_its_shipped_weights(tmp_path, name)
         names = [s.SegmentLabel for s in seg.SegmentSequence]
         assert names == [model.classes[k] for k in sorted(model.classes) if k > 0]
         assert seg.SegmentSequence[0].SegmentAlgorithmName == name
+        assert_valid_seg(tmp_path / "out" / "ct" / "seg.dcm", (folder / "ct").iterdir())
 
 
 @pytest.mark.slow

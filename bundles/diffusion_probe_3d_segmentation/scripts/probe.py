@@ -10,7 +10,8 @@
   The head then runs once on the averaged pyramid. Seeded noise in eval mode → deterministic output.
 - :class:`ProbeLoss`: cross-entropy + foreground Dice (``diffseg.ForegroundDiceLoss``).
 - :class:`CachedFeaturePrepareBatch`: the CPU option of ``train.json`` (``feature_cache``): the frozen pyramid of each
-  whole training volume is computed once (window-averaged, one noise draw) and the head trains on crops of it.
+  whole training volume is computed for ``feature_cache_draws`` noise draws (window-averaged) and the head trains on
+  crops of one of them per batch.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffseg import DiffusionScheduler, ForegroundDiceLoss
+from diffseg.sliding import fit_window, pad_spatial
 from monai.inferers import sliding_window_inference
 from monai.networks.blocks import ADN, Convolution
 from monai.networks.utils import one_hot
-from monai.utils import convert_to_dst_type, convert_to_tensor, ensure_tuple_rep
-
-from diffseg import DiffusionScheduler, ForegroundDiceLoss
+from monai.utils import convert_to_dst_type, convert_to_tensor
 
 __all__ = [
     "CachedFeaturePrepareBatch",
@@ -188,7 +189,8 @@ class DiffusionProbeSegmenter(nn.Module):
         sw_batch_size: windows per backbone call.
         blend_mode: ``"constant"`` (features of overlapping windows averaged) or ``"gaussian"``.
         seed: noise seed in eval mode (same input → same output); training draws from the global generator.
-        padding_mode: padding of the input up to a multiple of the size divisor (``torch.nn.functional.pad`` mode).
+        padding_mode: padding of the input up to a multiple of the size divisor (``diffseg.sliding.pad_spatial``:
+            "replicate" = edge replication, not zeros, so a thin volume's window holds no empty slab).
 
     ``forward(x (B, image_channels + k, *S)) -> logits (B, num_classes, *S)``. ``train()`` never leaves eval mode
     for the backbone, and the backbone runs without gradient, so only the head learns.
@@ -223,10 +225,11 @@ class DiffusionProbeSegmenter(nn.Module):
         self.extractor.eval()  # frozen: GroupNorm/dropout of the backbone stay in inference mode
         return self
 
-    def draw_noise(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, len(times)·image_channels, *S): seeded in eval mode, fresh in training."""
+    def draw_noise(self, x: torch.Tensor, fresh: bool = False) -> torch.Tensor:
+        """(B, len(times)·image_channels, *S): seeded in eval mode, from the global generator in training (or if
+        ``fresh``)."""
         shape = (x.shape[0], len(self.extractor.times) * self.extractor.image_channels, *x.shape[2:])
-        if self.training or self.seed is None:
+        if fresh or self.training or self.seed is None:
             return torch.randn(shape, device=x.device, dtype=x.dtype)
         generator = torch.Generator().manual_seed(int(self.seed))
         return torch.randn(shape, generator=generator, dtype=x.dtype).to(x.device)
@@ -235,7 +238,7 @@ class DiffusionProbeSegmenter(nn.Module):
         """The (window-averaged) pyramid of ``x`` whose spatial size is a multiple of the size divisor."""
         noise = self.draw_noise(x) if noise is None else noise
         divisor = self.backbone.size_divisor
-        roi = [min(r, s) for r, s in zip(ensure_tuple_rep(self.roi_size, x.ndim - 2), x.shape[2:], strict=True)]
+        roi = fit_window(self.roi_size, x.shape[2:], divisor)  # a thin volume: a window of its own (padded) depth
         if any(r % divisor for r in roi):
             raise ValueError(f"roi_size {roi} must be a multiple of the backbone's size divisor {divisor}")
         if roi == list(x.shape[2:]):
@@ -256,13 +259,9 @@ class DiffusionProbeSegmenter(nn.Module):
         return [_plain(f) for f in out][::-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spatial = x.shape[2:]
         divisor = self.backbone.size_divisor
-        pad = []
-        for s in reversed(spatial):
-            pad += [0, (-s) % divisor]
-        padded = F.pad(_plain(x), pad, mode=self.padding_mode) if any(pad) else _plain(x)
-        logits = self.head(self.features(padded))[(..., *(slice(0, s) for s in spatial))]
+        padded, crop = pad_spatial(x, [-(-s // divisor) * divisor for s in x.shape[2:]], self.padding_mode)
+        logits = self.head(self.features(padded))[crop]
         return convert_to_dst_type(logits, x)[0]  # a MetaTensor input's metadata travels on (Invertd / SaveImaged)
 
 
@@ -291,8 +290,10 @@ class CachedFeaturePrepareBatch:
     """``prepare_batch`` of ``SupervisedTrainer(network=segmenter.head)`` for whole-volume batches (CPU option).
 
     The first time a volume is seen (key: its file name), its window-averaged feature pyramid is computed with the
-    frozen backbone (one noise draw per volume from the global generator, instead of fresh noise per iteration) and
-    kept. Every call then returns a crop of the cached pyramid and of the label: with probability
+    frozen backbone for ``draws`` independent noise draws (torch's global generator, so a seeded run is reproducible)
+    and kept. Each call picks one draw uniformly (global generator; paper 004 draws fresh noise every batch, and
+    inference meets yet another seeded draw, so one cached draw would let the head fit that draw's noise) and returns
+    crops of its pyramid and of the label: with probability
     ``foreground_ratio`` the crop contains a random voxel of a randomly chosen foreground class present in the
     volume, otherwise it is placed uniformly (vox2vec's sampling); crop corners are multiples of the backbone's size
     divisor so every pyramid level is cropped exactly.
@@ -303,8 +304,14 @@ class CachedFeaturePrepareBatch:
         num_samples: crops per call (stacked on the batch axis).
         foreground_ratio: share of foreground-anchored crops.
         image_key, label_key: batch keys.
+        draws: noise draws cached per volume (1 = one draw, as before).
 
     Returns ``(pyramid crops [coarse … fine], label crops (num_samples, 1, *patch))``; batches hold one volume.
+
+    Memory per volume of N voxels (after padding to the size divisor) with backbone channels c_0 … c_{L-1} (fine to
+    coarse): ``draws · 4 B · len(times) · Σ_l c_l · N / 8^l`` (float32). Demo backbone (16, 32, 64, 128), 3 times:
+    255 B per voxel per draw, i.e. 0.38 GB per draw for the whole patient A (128×104×112 after padding) and 3 GB for
+    8 draws; ``crop_to_labels`` shrinks N to the labelled box.
     """
 
     def __init__(
@@ -315,25 +322,32 @@ class CachedFeaturePrepareBatch:
         foreground_ratio: float = 0.5,
         image_key: str = "image",
         label_key: str = "label",
+        draws: int = 8,
     ) -> None:
-        self.segmenter, self.patch_size = segmenter, [int(p) for p in patch_size]
+        if draws < 1:
+            raise ValueError(f"draws={draws} must be >= 1")
+        self.segmenter, self.patch_size, self.draws = segmenter, [int(p) for p in patch_size], int(draws)
         divisor = segmenter.backbone.size_divisor
         if any(p % divisor for p in self.patch_size):
             raise ValueError(f"patch_size {self.patch_size} must be a multiple of the size divisor {divisor}")
         self.num_samples, self.foreground_ratio = num_samples, foreground_ratio
         self.image_key, self.label_key = image_key, label_key
-        self.cache: dict[str, tuple[list[torch.Tensor], torch.Tensor, dict[int, torch.Tensor]]] = {}
+        # file name → (pyramids of the draws [draw][coarse … fine], padded label, class voxels)
+        self.cache: dict[str, tuple[list[list[torch.Tensor]], torch.Tensor, dict[int, torch.Tensor]]] = {}
+        self.last_draw = 0  # the draw the last batch was cropped from
 
-    def volume(self, image: torch.Tensor, label: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """(pyramid, label) of one whole volume, padded to a multiple of the size divisor (label padded with 0)."""
+    def volume(self, image: torch.Tensor, label: torch.Tensor) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
+        """(``draws`` pyramids, label) of one whole volume (1, C, *S), padded to a multiple of the size divisor and at
+        least ``patch_size``; image and label padded alike (``segmenter.padding_mode``, edge replication)."""
         divisor = self.segmenter.backbone.size_divisor
         target = [max(-(-s // divisor) * divisor, p) for s, p in zip(image.shape[2:], self.patch_size, strict=True)]
-        pad = []
-        for s, t in zip(reversed(image.shape[2:]), reversed(target), strict=True):
-            pad += [0, t - s]
-        image = F.pad(_plain(image), pad, mode=self.segmenter.padding_mode)
-        label = F.pad(_plain(label), pad)
-        return [f.detach() for f in self.segmenter.features(image)], label
+        mode = self.segmenter.padding_mode
+        image, label = pad_spatial(image, target, mode)[0], pad_spatial(label, target, mode)[0]
+        pyramids = [
+            [f.detach() for f in self.segmenter.features(image, self.segmenter.draw_noise(image, fresh=True))]
+            for _ in range(self.draws)
+        ]
+        return pyramids, label
 
     @staticmethod
     def class_voxels(label: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -370,9 +384,11 @@ class CachedFeaturePrepareBatch:
             raise ValueError(f"feature cache batches must hold one whole volume, got batch size {image.shape[0]}")
         key = str(getattr(image, "meta", {}).get("filename_or_obj", ["volume"])[0])
         if key not in self.cache:
-            pyramid, full_label = self.volume(image.to(device), label.to(device))
-            self.cache[key] = pyramid, full_label, self.class_voxels(full_label)
-        pyramid, full_label, class_voxels = self.cache[key]
+            pyramids, full_label = self.volume(image.to(device), label.to(device))
+            self.cache[key] = pyramids, full_label, self.class_voxels(full_label)
+        pyramids, full_label, class_voxels = self.cache[key]
+        self.last_draw = int(torch.randint(len(pyramids), ())) if len(pyramids) > 1 else 0
+        pyramid = pyramids[self.last_draw]
         factor = self.segmenter.backbone.size_divisor
         crops: list[list[torch.Tensor]] = [[] for _ in pyramid]
         labels = []

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-
 from diffseg.data import data_path, fetch, prepare_cli, totalseg_class_map, write_dataset_json
 
 # bundle class index → TotalSegmentator "total" class name (AMOS organs present in patients A and B)

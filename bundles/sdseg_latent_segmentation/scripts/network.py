@@ -11,11 +11,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
+from diffseg import ConditionalDenoiser
 from monai.networks.blocks import Convolution
 from monai.networks.nets import AutoencoderKL
 from monai.networks.nets.autoencoderkl import Decoder
-
-from diffseg import ConditionalDenoiser
 
 __all__ = ["KLAutoencoder", "LatentAutoencoder", "SDSegDenoiser", "VisionEncoder", "load_zero_expanded"]
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-
 from diffseg.data import data_path, fetch, prepare_cli, totalseg_class_map, write_dataset_json
 
 ORGANS = ("aorta", "gallbladder", "kidney_left", "kidney_right", "liver", "pancreas", "spleen", "stomach")

@@ -13,11 +13,10 @@ from itertools import combinations
 from pathlib import Path
 
 import torch
+from diffseg.metrics import seed_stability
 from monai.engines import SupervisedEvaluator
 from monai.metrics import MultiScaleSSIMMetric
 from monai.utils import convert_to_tensor
-
-from diffseg.metrics import seed_stability
 
 __all__ = ["SeedStability", "ms_ssim_slices"]
 

@@ -18,7 +18,6 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
-
 from diffseg import DiffusionScheduler, DiffusionSegPrepareBatch, FeedForwardPrepareBatch, MaskCodec
 
 from .network import LatentAutoencoder

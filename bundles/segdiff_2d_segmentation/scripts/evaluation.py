@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.utils import min_version, optional_import
-
 from diffseg.metrics import expected_calibration_error, reliability_data
+from monai.utils import min_version, optional_import
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 

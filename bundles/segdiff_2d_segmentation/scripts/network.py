@@ -19,10 +19,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+from diffseg.denoiser import ConditionalDenoiser
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
-
-from diffseg.denoiser import ConditionalDenoiser
 
 __all__ = ["RRDB", "RRDBEncoder", "ResidualDenseBlock", "SegDiffDenoiser", "SegDiffUNet", "UncachedDenoiser"]
 

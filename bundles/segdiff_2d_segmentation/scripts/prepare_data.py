@@ -17,9 +17,8 @@ from pathlib import Path
 import fire
 import numpy as np
 import tifffile
-from PIL import Image
-
 from diffseg.data import cache_dir, data_path
+from PIL import Image
 
 __all__ = ["DEFAULT_DIR", "prepare", "split_columns", "tile_origins"]
 
