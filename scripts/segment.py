@@ -1,10 +1,10 @@
 """Folder inference with a MONAI DiffSeg bundle: NIfTI / NRRD / MHA / PNG / TIFF / DICOM in, NIfTI + DICOM SEG +
-uncertainty + overlay PNG + manifest out.
+RTSTRUCT + uncertainty + overlay PNG + statistics + manifest out.
 
     python scripts/segment.py --bundle bundles/recycling_ddpm_3d_segmentation --input scans/ --output seg/
     python scripts/segment.py --bundle … --input scans/,other/ct.nii.gz --output seg/   # several inputs
-    python scripts/segment.py --bundle … --input … --output … --formats nifti,dicom_seg,uncertainty,png \\
-        --steps 5 --samples 3 --seed 0 --resume
+    python scripts/segment.py --bundle … --input … --output … --formats nifti,dicom_seg,rtstruct,uncertainty,png \\
+        --steps 5 --samples 3 --seed 0 --statistics --resume                         # samples ≥ 2: review flag (qc)
     python scripts/segment.py --bundle … --runtime onnxruntime [--onnx denoiser.onnx]   # ONNX Runtime denoiser
     python scripts/segment.py --bundle bundles/segdiff_2d_segmentation --configs inference.json,inference_slices.json \
         --input volumes/ --output seg/                                                 # a bundle's config variant
@@ -49,6 +49,8 @@ def main(
     overrides: dict | None = None,
     configs: str | tuple[str, ...] = "inference.json",
     quiet: bool = False,
+    statistics: bool = False,
+    qc_threshold: float | None = None,
 ) -> int:
     """Segment every case under ``input`` with ``bundle``; outputs and manifest.json in ``output``.
 
@@ -58,7 +60,7 @@ def main(
         output: output folder (one sub-folder per case + manifest.json).
         device: cpu | cuda | cuda:N (under torchrun: cuda → cuda:LOCAL_RANK).
         steps, samples, seed: the bundle's displayable_configs num_inference_steps / num_samples / seed.
-        formats: comma-separated subset of nifti, dicom_seg (DICOM inputs), uncertainty, png (overlay).
+        formats: comma-separated subset of nifti, dicom_seg and rtstruct (DICOM inputs), uncertainty, png (overlay).
         runtime: torch | onnxruntime (the denoiser runs in ONNX Runtime; exported on the fly unless --onnx).
         onnx: an exported denoiser step (scripts/export.py) for --runtime onnxruntime.
         resume: skip cases whose manifest entry is "ok" and whose outputs exist.
@@ -66,6 +68,9 @@ def main(
         configs: the bundle's config files merged in order (comma-separated names in its configs/ folder), e.g.
             inference.json,inference_slices.json for SegDiff on 3D volumes slice by slice.
         quiet: no progress bars.
+        statistics: per-structure statistics.json per case and statistics.csv over the run.
+        qc_threshold: the review flag's threshold on the ensemble disagreement inside the foreground (default: the
+            bundle's qc_threshold); the flag needs --samples ≥ 2.
 
     Returns:
         The exit code (0: every case ok or skipped).
@@ -83,13 +88,19 @@ def main(
             device = f"cuda:{local}"
             torch.cuda.set_device(local)
     try:
-        model = load_bundle(bundle, device, steps, samples, seed, "uncertainty" in fmts, overrides, _list(configs))
+        # the uncertainty map: required for --formats uncertainty, else on where the bundle has one and it is used
+        unc = True if "uncertainty" in fmts else (None if statistics or (samples or 0) >= 2 else False)
+        model = load_bundle(
+            bundle, device, steps, samples, seed, unc, overrides, _list(configs), qc_threshold=qc_threshold
+        )
         if runtime == "onnxruntime":
             cache = Path(output) / ".export"
             cache.mkdir(parents=True, exist_ok=True)
             use_onnxruntime(model, onnx, cache)
         inputs = _list(input)
-        manifest = segment_folder(model, inputs, output, fmts, resume, progress=not quiet, runtime=runtime)
+        manifest = segment_folder(
+            model, inputs, output, fmts, resume, progress=not quiet, runtime=runtime, statistics=statistics
+        )
     finally:
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -20,7 +20,10 @@ steps are taken out of ``postprocessing``: their writers are called here with te
   ``manifest.rank<r>.json``, and rank 0 merges them into ``manifest.json`` after a barrier.
 
 Outputs per case in ``<output>/<case id>/``: ``seg.nii.gz`` (uint8 labels, original geometry), ``seg.dcm`` (DICOM
-SEG, DICOM inputs), ``uncertainty.nii.gz``, ``overlay.png``.
+SEG, DICOM inputs), ``rtstruct.dcm`` (RT Structure Set, DICOM inputs), ``uncertainty.nii.gz``, ``overlay.png``,
+``statistics.json`` (``statistics=True``; ``<output>/statistics.csv`` over all cases). With an ensemble (≥ 2 samples)
+and an uncertainty map each entry gets ``qc``: the disagreement inside the predicted foreground and the review flag
+(:func:`diffseg.reports.review_flag`).
 """
 
 from __future__ import annotations
@@ -49,12 +52,14 @@ from tqdm.auto import tqdm
 from diffseg.bundles import bundle_imports, bundle_parser
 from diffseg.discovery import Case, pixel_data_problem, scan, unique_ids
 from diffseg.io import CheckImaged
+from diffseg.reports import review_flag, structure_statistics, write_statistics_csv
 
 __all__ = [
     "FORMATS",
     "RUNTIMES",
     "BundleModel",
     "atomic_path",
+    "class_rgb",
     "dist_info",
     "exit_code",
     "load_bundle",
@@ -66,7 +71,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("nifti", "dicom_seg", "uncertainty", "png")
+FORMATS = ("nifti", "dicom_seg", "rtstruct", "uncertainty", "png")
 RUNTIMES = ("torch", "onnxruntime")
 SETTINGS = {"steps": "num_inference_steps", "samples": "num_samples", "seed": "seed"}
 MANIFEST = "manifest.json"
@@ -91,6 +96,8 @@ class BundleModel:
     savers: dict[str, Any]  # key ("pred", "uncertainty") → the bundle's SaveImage writer
     device: torch.device
     settings: dict[str, Any] = field(default_factory=dict)
+    uncertainty_measure: str | None = None  # the measure of out["uncertainty"] ("std" / "entropy") when it is on
+    qc_threshold: float | None = None  # review flag: disagreement inside the foreground above this
 
 
 def _split_savers(post: Compose) -> tuple[Compose, dict[str, Any]]:
@@ -128,10 +135,11 @@ def load_bundle(
     steps: int | None = None,
     samples: int | None = None,
     seed: int | None = None,
-    uncertainty: bool = False,
+    uncertainty: bool | None = False,
     overrides: Mapping[str, Any] | None = None,
     configs: Sequence[str] = ("inference.json",),
     load_weights: bool = True,
+    qc_threshold: float | None = None,
 ) -> BundleModel:
     """Parse a bundle's inference components and load its weights.
 
@@ -140,10 +148,13 @@ def load_bundle(
         device: torch device string.
         steps, samples, seed: overrides of ``displayable_configs#num_inference_steps`` / ``#num_samples`` /
             ``#seed`` (None keeps the bundle's value; a bundle without such a setting raises ValueError).
-        uncertainty: switch the bundle's ``save_uncertainty`` on (ValueError when it has none).
+        uncertainty: switch the bundle's ``save_uncertainty`` on (True: ValueError when it has none; None: when it
+            has one, for statistics and the review flag).
         overrides: more config ids → values (e.g. a smaller network and its ``ckpt_path`` for tests).
         configs: config files merged in order.
         load_weights: load ``ckpt_path`` (False keeps the parsed initialisation).
+        qc_threshold: the review flag's threshold (None: the bundle's ``qc_threshold`` in metadata.json or the
+            config, for its ``uncertainty_measure``: a number, or a mapping measure → number).
     """
     root = Path(bundle).resolve()
     if not (root / "configs" / "inference.json").is_file():
@@ -161,9 +172,10 @@ def load_bundle(
                 f"its settings: {sorted(displayable)}"
             )
         update[f"displayable_configs#{SETTINGS[option]}"] = int(value)
-    if uncertainty:
-        if "save_uncertainty" not in parser.config:
-            raise ValueError(f"bundle {root.name} has no save_uncertainty setting: it cannot write uncertainty maps")
+    has_uncertainty = "save_uncertainty" in parser.config
+    if uncertainty and not has_uncertainty:
+        raise ValueError(f"bundle {root.name} has no save_uncertainty setting: it cannot write uncertainty maps")
+    if has_uncertainty and uncertainty is not False:
         update["save_uncertainty"] = True
     for key, value in {"output_ext": ".nii.gz", "output_dir": tempfile.gettempdir()}.items():
         if key in parser.config:
@@ -190,6 +202,10 @@ def load_bundle(
     channel_def = meta["network_data_format"]["outputs"]["pred"].get("channel_def", {})
     settings = {"device": device, **{SETTINGS[k]: displayable.get(SETTINGS[k]) for k in SETTINGS}}
     settings.update({SETTINGS[k]: int(v) for k, v in asked.items() if v is not None})
+    measure = str(parser.get("uncertainty_measure", "std")) if parser.get("save_uncertainty") else None
+    if qc_threshold is None:
+        qc_threshold = meta.get("qc_threshold", parser.get("qc_threshold"))
+        qc_threshold = qc_threshold.get(measure) if isinstance(qc_threshold, Mapping) else qc_threshold
     return BundleModel(
         root=root,
         name=root.name,
@@ -206,6 +222,8 @@ def load_bundle(
         savers=savers,
         device=torch_device,
         settings=settings,
+        uncertainty_measure=measure,
+        qc_threshold=None if qc_threshold is None else float(qc_threshold),
     )
 
 
@@ -257,8 +275,25 @@ def read_manifest(output: str | os.PathLike[str]) -> dict[str, dict]:
     return entries
 
 
-def _complete(entry: dict | None, output: Path) -> bool:
-    return bool(entry) and entry.get("status") == "ok" and all((output / p).is_file() for p in entry["outputs"])
+OUTPUT_FILES = {  # format → file name (DICOM formats: DICOM cases only)
+    "nifti": "seg.nii.gz",
+    "dicom_seg": "seg.dcm",
+    "rtstruct": "rtstruct.dcm",
+    "uncertainty": "uncertainty.nii.gz",
+    "png": "overlay.png",
+    "statistics": "statistics.json",
+}
+NO_RTSTRUCT = "no rtstruct.dcm: "
+
+
+def _complete(entry: dict | None, output: Path, case: Case, wanted: Sequence[str]) -> bool:
+    """An ``ok`` entry whose files all exist and that has every output of ``wanted`` (formats + ``statistics``)."""
+    if not entry or entry.get("status") != "ok" or not all((output / p).is_file() for p in entry["outputs"]):
+        return False
+    wanted = [w for w in wanted if case.kind == "dicom" or w not in ("dicom_seg", "rtstruct")]
+    if "rtstruct" in wanted and any(n.startswith(NO_RTSTRUCT) for n in entry.get("notes", [])):
+        wanted.remove("rtstruct")  # an empty label has no RT Structure Set
+    return all(f"{case.id}/{OUTPUT_FILES[w]}" in entry["outputs"] for w in wanted)
 
 
 def exit_code(manifest: Mapping[str, Any]) -> int:
@@ -368,6 +403,13 @@ def radiological(*arrays: Any) -> list[np.ndarray]:
     return out
 
 
+def class_rgb(index: int) -> tuple[int, int, int]:
+    """The colour (0–255) of class ``index`` in the overlay PNG and the RTSTRUCT: matplotlib's tab20, cyclic."""
+    from matplotlib import colormaps
+
+    return tuple(int(round(255 * c)) for c in colormaps["tab20"].colors[int(index) % 20])
+
+
 def save_overlay(
     image: np.ndarray,
     label: np.ndarray,
@@ -376,11 +418,13 @@ def save_overlay(
     uncertainty: np.ndarray | None = None,
     title: str = "",
     slices: int = 4,
+    flag: str = "",
 ) -> None:
     """A PNG montage of image (C, *S) channel 0 with the label (1, *S) and, if given, uncertainty (C_u, *S) maxed
     over channels. 3D: the ``slices`` slices along the last axis with most foreground; 2D: the image itself. Each
     slice is shown transposed: MONAI's (W, H) for 2D images, LPS arrays (:func:`radiological`) in radiological view.
-    Intensities: the CT soft-tissue window when the image looks like HU, else the 1st–99th percentiles."""
+    Intensities: the CT soft-tissue window when the image looks like HU, else the 1st–99th percentiles. Class colours
+    are :func:`class_rgb`. A non-empty ``flag`` (a case flagged for review) is printed in red with a red frame."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -398,32 +442,37 @@ def save_overlay(
         low, high = CT_WINDOW
     rows = 1 if unc is None else 2
     fig, axes = plt.subplots(rows, len(picked), figsize=(3 * len(picked), 3 * rows + 0.6), squeeze=False)
-    colors = ListedColormap(plt.get_cmap("tab20")(np.arange(20)))
+    top = max(int(lab.max()), 1)
+    colors = ListedColormap([np.asarray(class_rgb(v)) / 255 for v in range(top + 1)])
     for col, k in enumerate(picked):
         for row in range(rows):
             ax = axes[row][col]
             ax.imshow(img[..., k].T, cmap="gray", vmin=low, vmax=high)
             if row == 0:
                 masked = np.ma.masked_equal(lab[..., k].T, 0)
-                ax.imshow(masked, cmap=colors, vmin=0, vmax=19, alpha=0.5, interpolation="nearest")
+                ax.imshow(masked, cmap=colors, vmin=-0.5, vmax=top + 0.5, alpha=0.5, interpolation="nearest")
                 ax.set_title(f"slice {k}" if image[0].ndim == 3 else "", fontsize=8)
             else:
                 ax.imshow(unc[..., k].T, cmap="magma", alpha=0.6)
             ax.axis("off")
     present = [int(v) for v in np.unique(lab) if v > 0]
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colors(v % 20)) for v in present]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=np.asarray(class_rgb(v)) / 255) for v in present]
     fig.legend(handles, [classes.get(v, str(v)) for v in present], loc="lower center", ncol=4, fontsize=7)
     fig.suptitle(title + ("  (row 2: uncertainty)" if rows == 2 else ""), fontsize=9)
+    if flag:
+        fig.text(0.5, 0.9, flag, ha="center", color="red", fontsize=10, weight="bold")
+        fig.patches.append(plt.Rectangle((0, 0), 1, 1, transform=fig.transFigure, fill=False, color="red", lw=6))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
     plt.close(fig)
 
 
 def _write_outputs(
-    model: BundleModel, case: Case, out: dict, raw: Any, folder: Path, formats: Sequence[str]
-) -> tuple[list[str], list[str]]:
-    """Write the case's outputs (each atomically); returns (paths relative to the output root, notes)."""
-    written, notes = [], []
+    model: BundleModel, case: Case, out: dict, raw: Any, folder: Path, formats: Sequence[str], statistics: bool
+) -> tuple[list[str], list[str], dict[str, Any]]:
+    """Write the case's outputs (each atomically); returns (paths relative to the output root, notes, more entry
+    fields: ``qc``)."""
+    written, notes, extra = [], [], {}
     label = out["pred"]
     if "nifti" in formats:
         saver = model.savers.get("pred")
@@ -444,21 +493,58 @@ def _write_outputs(
             else:
                 _nifti(unc, tmp, np.float32)
         written.append("uncertainty.nii.gz")
-    if "dicom_seg" in formats and case.kind == "dicom":
-        from diffseg.dicomseg import write_dicom_seg
-
-        affine = _as_numpy(label.affine) if hasattr(label, "affine") else np.eye(4)
-        with atomic_path(folder / "seg.dcm") as tmp:
-            notes += write_dicom_seg(
-                _as_numpy(label)[0].astype(np.uint8), affine, case.files, model.classes, tmp, model.name, model.version
-            )
-        written.append("seg.dcm")
+    affine = _as_numpy(label.affine) if hasattr(label, "affine") else np.eye(4)
+    array = _as_numpy(label)[0]
+    if case.kind == "dicom":
+        _write_dicom(model, case, array.astype(np.uint8), affine, folder, formats, written, notes)
+    samples = model.settings.get("num_samples") or 1
+    if unc is not None and samples >= 2:
+        extra["qc"] = review_flag(array, _as_numpy(unc), model.uncertainty_measure, samples, model.qc_threshold)
+    if statistics:
+        found = structure_statistics(
+            array, affine, _as_numpy(raw), model.classes, None if unc is None else _as_numpy(unc),
+            model.uncertainty_measure or "std",
+        )  # fmt: skip
+        _write_json(folder / "statistics.json", {"case": case.id, "bundle": model.name, **found})
+        written.append("statistics.json")
     if "png" in formats:
         title = f"{case.id} — {model.name} {model.version}"
+        qc = extra.get("qc") or {}
+        flag = f"REVIEW: disagreement {qc['disagreement']:.4g} > {qc['threshold']:.4g}" if qc.get("review") else ""
         image, shown, uncertainty = radiological(raw, label, unc)
-        save_overlay(image, shown, folder / "overlay.png", model.classes, uncertainty, title)
+        save_overlay(image, shown, folder / "overlay.png", model.classes, uncertainty, title, flag=flag)
         written.append("overlay.png")
-    return [f"{case.id}/{name}" for name in written], notes
+    return [f"{case.id}/{name}" for name in written], notes, extra
+
+
+def _write_dicom(
+    model: BundleModel,
+    case: Case,
+    label: np.ndarray,
+    affine: np.ndarray,
+    folder: Path,
+    formats: Sequence[str],
+    written: list[str],
+    notes: list[str],
+) -> None:
+    """``seg.dcm`` (DICOM SEG) and ``rtstruct.dcm`` (RT Structure Set; not written for an empty label, with a note)
+    of a DICOM case, appending to ``written`` and ``notes`` (each note once)."""
+    from diffseg.dicomseg import write_dicom_seg
+    from diffseg.rtstruct import write_rtstruct
+
+    args = (label, affine, case.files, model.classes)
+    colors = {k: class_rgb(k) for k in model.classes}
+    writers = {"dicom_seg": ("seg.dcm", write_dicom_seg, ()), "rtstruct": ("rtstruct.dcm", write_rtstruct, (colors,))}
+    for fmt, (name, write, more) in writers.items():
+        if fmt not in formats:
+            continue
+        if fmt == "rtstruct" and not label.any():
+            notes.append(NO_RTSTRUCT + "nothing was segmented (an RT Structure Set needs at least one ROI)")
+            continue
+        with atomic_path(folder / name) as tmp:
+            new = write(*args, tmp, model.name, model.version, *more)
+        notes += [n for n in new if n not in notes]
+        written.append(name)
 
 
 def _nifti(tensor: Any, path: Path, dtype: Any) -> None:
@@ -479,9 +565,10 @@ def segment_folder(
     resume: bool = False,
     progress: bool = True,
     runtime: str = "torch",
+    statistics: bool = False,
 ) -> dict[str, Any]:
     """Segment every case under ``input_path`` (one path or several) into ``output``; returns the manifest (also
-    written to disk).
+    written to disk). ``statistics`` writes each case's ``statistics.json`` and ``<output>/statistics.csv``.
 
     Rank r of N (torchrun) takes every N-th case; rank 0 returns the merged manifest, other ranks their own.
     """
@@ -502,7 +589,14 @@ def segment_folder(
         "bundle": model.name,
         "version": model.version,
         "seed": model.settings.get("seed"),
-        "settings": {**model.settings, "formats": list(formats), "runtime": runtime, "input": [str(p) for p in inputs]},
+        "settings": {
+            **model.settings,
+            "formats": list(formats),
+            "statistics": statistics,
+            "qc_threshold": model.qc_threshold,
+            "runtime": runtime,
+            "input": [str(p) for p in inputs],
+        },
         "files_found": sum(inventory.found for inventory in inventories),
         "skipped_files": [{"file": f, "reason": r} for inv in inventories for f, r in inv.skipped_files.items()],
     }
@@ -521,7 +615,7 @@ def segment_folder(
     for case in mine:
         if case.status is not None:
             record(_entry(case, case.status, case.error, [], 0.0))
-        elif resume and _complete(previous.get(case.id), output):
+        elif resume and _complete(previous.get(case.id), output, case, [*formats, *["statistics"] * statistics]):
             record({**previous[case.id], **_accounting(case), "resumed": True})
         else:
             todo.append(case)
@@ -541,16 +635,19 @@ def segment_folder(
             if writing is not None:  # the previous case's files were written while this one was sampled
                 record(writing.result())
                 bar.update()
-            writing = writer.submit(_finish_case, model, case, loaded, inferred, output, formats)
+            writing = writer.submit(_finish_case, model, case, loaded, inferred, output, formats, statistics)
         if writing is not None:
             record(writing.result())
             bar.update()
     bar.close()
     shutil.rmtree(work, ignore_errors=True)
-    if world == 1:
-        return {**header, "cases": entries}
-    _merge(output, header, cases, rank, world)
-    return read_manifest_file(output) if rank == 0 else {**header, "cases": entries}
+    if world > 1:
+        _merge(output, header, cases, rank, world)
+    result = read_manifest_file(output) if rank == 0 and world > 1 else {**header, "cases": entries}
+    if statistics and rank == 0:
+        with atomic_path(output / "statistics.csv") as tmp:
+            write_statistics_csv(tmp, output, result["cases"])
+    return result
 
 
 def _accounting(case: Case) -> dict[str, Any]:
@@ -592,7 +689,13 @@ def _infer_case(model: BundleModel, case: Case, loaded: _Loaded, output: Path) -
 
 
 def _finish_case(
-    model: BundleModel, case: Case, loaded: _Loaded, inferred: _Inferred, output: Path, formats: Sequence[str]
+    model: BundleModel,
+    case: Case,
+    loaded: _Loaded,
+    inferred: _Inferred,
+    output: Path,
+    formats: Sequence[str],
+    statistics: bool,
 ) -> dict[str, Any]:
     """Write one case's outputs (writer thread, overlapping the next case's sampling); returns its entry."""
     start = time.perf_counter()
@@ -600,13 +703,16 @@ def _finish_case(
         if inferred.entry is not None:
             return inferred.entry
         try:
-            outputs, notes = _write_outputs(model, case, inferred.out, loaded.raw, output / case.id, formats)
+            outputs, notes, extra = _write_outputs(
+                model, case, inferred.out, loaded.raw, output / case.id, formats, statistics
+            )
         except Exception as e:
             logger.debug("case %s: writing failed\n%s", case.id, traceback.format_exc())
             return _entry(case, "failed", f"writing outputs failed: {_reason(e)}", [], loaded.seconds)
         write = time.perf_counter() - start
         timing = {"read": round(loaded.seconds, 3), "infer": round(inferred.seconds, 3), "write": round(write, 3)}
-        return _entry(case, "ok", "", outputs, loaded.seconds + inferred.seconds + write, notes=notes, timing=timing)
+        seconds = loaded.seconds + inferred.seconds + write
+        return _entry(case, "ok", "", outputs, seconds, notes=notes, timing=timing, **extra)
     finally:
         if loaded.workdir is not None:
             shutil.rmtree(loaded.workdir, ignore_errors=True)

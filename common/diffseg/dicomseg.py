@@ -18,10 +18,21 @@ import numpy as np
 
 from diffseg.discovery import dicom_geometry
 
-__all__ = ["label_on_dicom_grid", "property_codes", "read_sources", "write_dicom_seg"]
+__all__ = ["equipment", "label_on_dicom_grid", "pixel_to_patient", "property_codes", "read_sources", "write_dicom_seg"]
 
 _LATERALITY = {"left", "right", "l", "r"}
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+def equipment(algorithm: str, version: str) -> dict[str, str]:
+    """General Equipment and series description of the DICOM outputs (highdicom ``SOPClass`` keyword arguments)."""
+    return {
+        "manufacturer": "MONAI DiffSeg",
+        "manufacturer_model_name": algorithm[:64],
+        "software_versions": version,
+        "device_serial_number": "none",
+        "series_description": f"{algorithm} {version}"[:64],
+    }
 
 
 def property_codes(name: str):
@@ -48,7 +59,8 @@ def read_sources(files: Sequence[str | os.PathLike[str]]) -> tuple[list, list[st
     """Headers of the source instances (no pixels), with blank UIDs filled in, and notes on what was filled.
 
     SOP Class/Instance UIDs come from the file meta when blank; blank Study/Series Instance UIDs are replaced by
-    UIDs derived from the FrameOfReferenceUID (the same for every run on the same series).
+    UIDs derived from the FrameOfReferenceUID (the same for every run on the same series); a blank
+    FrameOfReferenceUID by one derived from the first file's path.
     """
     import pydicom
     from pydicom.uid import generate_uid
@@ -59,6 +71,7 @@ def read_sources(files: Sequence[str | os.PathLike[str]]) -> tuple[list, list[st
     derived = {
         "StudyInstanceUID": generate_uid(entropy_srcs=["study", seed]),
         "SeriesInstanceUID": generate_uid(entropy_srcs=["series", seed]),
+        "FrameOfReferenceUID": generate_uid(entropy_srcs=["frame", seed]),
     }
     for ds in datasets:
         meta = getattr(ds, "file_meta", None)
@@ -70,8 +83,16 @@ def read_sources(files: Sequence[str | os.PathLike[str]]) -> tuple[list, list[st
             if not str(ds.get(key, "")).strip():
                 setattr(ds, key, uid)
                 if f"blank {key}" not in " ".join(notes):
-                    notes.append(f"source has a blank {key}; the SEG uses the derived {uid}")
+                    notes.append(f"source has a blank {key}; the DICOM outputs use the derived {uid}")
     return datasets, notes
+
+
+def pixel_to_patient(ds, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """LPS mm (..., 3) of (fractional) pixel indices ``rows``, ``columns`` of the instance ``ds`` (PS3.3 C.7.6.2.1.1:
+    the column index steps along the row direction by the column spacing, and vice versa)."""
+    position, row_dir, col_dir, (row_spacing, col_spacing) = dicom_geometry(ds)
+    rows, columns = np.asarray(rows, dtype=np.float64)[..., None], np.asarray(columns, dtype=np.float64)[..., None]
+    return position + columns * col_spacing * row_dir + rows * row_spacing * col_dir
 
 
 def label_on_dicom_grid(label: np.ndarray, affine: np.ndarray, datasets: Sequence) -> np.ndarray:
@@ -84,10 +105,8 @@ def label_on_dicom_grid(label: np.ndarray, affine: np.ndarray, datasets: Sequenc
     inverse = np.linalg.inv(np.asarray(affine, dtype=np.float64))
     frames = []
     for ds in datasets:
-        position, row_dir, col_dir, (row_spacing, col_spacing) = dicom_geometry(ds)
         r, c = np.meshgrid(np.arange(int(ds.Rows)), np.arange(int(ds.Columns)), indexing="ij")
-        lps = position + c[..., None] * col_spacing * row_dir + r[..., None] * row_spacing * col_dir
-        ras = lps @ _LPS_TO_RAS.T
+        ras = pixel_to_patient(ds, r, c) @ _LPS_TO_RAS.T
         index = np.rint(ras @ inverse[:3, :3].T + inverse[:3, 3]).astype(np.int64)
         inside = np.all((index >= 0) & (index < np.asarray(label.shape)), axis=-1)
         frame = np.zeros(r.shape, dtype=label.dtype)
@@ -148,11 +167,7 @@ def write_dicom_seg(
         series_number=900,
         sop_instance_uid=hd.UID(),
         instance_number=1,
-        manufacturer="MONAI DiffSeg",
-        manufacturer_model_name=algorithm[:64],
-        software_versions=version,
-        device_serial_number="none",
-        series_description=f"{algorithm} {version}"[:64],
+        **equipment(algorithm, version),
     )
     seg.save_as(str(Path(path)))
     return notes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -173,16 +174,15 @@ def write_dataset(root, n=2):
     (root / "dataset.json").write_text(json.dumps({"training": entries, "validation": entries[:1]}))
 
 
+def train_common(tmp_path: Path) -> dict:
+    """Overrides of a 2-iteration training on :func:`write_dataset`'s volumes in ``tmp_path / "data"``."""
+    return {**TINY, "dataset_dir": str(tmp_path / "data"), "ckpt_dir": str(tmp_path / "ckpt"),
+            "output_dir": str(tmp_path / "eval"), "patch_size": [32, 32, 16], "cache_rate": 0.0}  # fmt: skip
+
+
 def test_two_training_iterations_then_evaluate(tmp_path):
     write_dataset(tmp_path / "data")
-    common = {
-        **TINY,
-        "dataset_dir": str(tmp_path / "data"),
-        "ckpt_dir": str(tmp_path / "ckpt"),
-        "output_dir": str(tmp_path / "eval"),
-        "patch_size": [32, 32, 16],
-        "cache_rate": 0.0,
-    }
+    common = train_common(tmp_path)
     trainer = run_bundle(BUNDLE, ["train.json"], max_epochs=1, val_interval=1, **common)  # 2 volumes = 2 iterations
     state = torch.load(tmp_path / "ckpt" / "model.pt", weights_only=True)
     assert all(torch.is_tensor(v) for v in state.values()) and any(k.startswith("denoiser.net.") for k in state)
@@ -196,10 +196,7 @@ def test_two_training_iterations_then_evaluate(tmp_path):
 
 def test_training_stops_resumes_and_ships_ema_weights(tmp_path):
     write_dataset(tmp_path / "data")
-    check_resumable_training(
-        BUNDLE, ["train.json"], **TINY, dataset_dir=str(tmp_path / "data"), ckpt_dir=str(tmp_path / "ckpt"),
-        output_dir=str(tmp_path / "eval"), patch_size=[32, 32, 16], cache_rate=0.0, val_interval=1, ema_decay=0.5,
-    )  # fmt: skip
+    check_resumable_training(BUNDLE, ["train.json"], val_interval=1, ema_decay=0.5, **train_common(tmp_path))
 
 
 def test_recycling_first_pass_has_no_gradient_and_the_second_trains(tmp_path):
@@ -228,14 +225,7 @@ def test_feedforward_twin_trains_on_noise_and_evaluates_its_own_weights(tmp_path
     """train_feedforward.json (paper 001, E1): no recycling, one call on noise at t = 4, CE + foreground Dice, one
     x0 step at inference; its weights go to model_feedforward.pt, which evaluate.json then reads."""
     write_dataset(tmp_path / "data")
-    common = {
-        **TINY,
-        "dataset_dir": str(tmp_path / "data"),
-        "ckpt_dir": str(tmp_path / "ckpt"),
-        "output_dir": str(tmp_path / "eval"),
-        "patch_size": [32, 32, 16],
-        "cache_rate": 0.0,
-    }
+    common = train_common(tmp_path)
     with bundle_imports(BUNDLE):
         parser = load_config(BUNDLE, FEEDFORWARD, **common)
         loss, seg = parser.get_parsed_content("loss"), parser.get_parsed_content("network_def")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -313,10 +314,15 @@ def write_dataset(root, n=2):
     (root / "dataset.json").write_text(json.dumps({"training": entries[:-1], "validation": entries[-1:]}))
 
 
+def train_common(tmp_path: Path) -> dict:
+    """Overrides of a short training on :func:`write_dataset`'s volumes, checkpoints in ``tmp_path / "ckpt"``."""
+    return {**TINY, "dataset_dir": str(tmp_path / "data"), "ckpt_dir": str(tmp_path / "ckpt"),
+            "output_dir": str(tmp_path / "eval"), "patch_size": [32, 32], "slices_per_volume": 2}  # fmt: skip
+
+
 def test_autoencoder_and_diffusion_trainings_stop_and_resume(tmp_path):
     write_dataset(tmp_path / "data")
-    common = {**TINY, "dataset_dir": str(tmp_path / "data"), "ckpt_dir": str(tmp_path / "ckpt"),
-              "output_dir": str(tmp_path / "eval"), "patch_size": [32, 32], "slices_per_volume": 2}  # fmt: skip
+    common = train_common(tmp_path)
     check_resumable_training(
         BUNDLE, ["train.json", "train_autoencoder.json"], "ae_max_epochs", "autoencoder.pt",
         tmp_path / "eval" / "autoencoder", ae_val_interval=1, **common,
@@ -327,14 +333,7 @@ def test_autoencoder_and_diffusion_trainings_stop_and_resume(tmp_path):
 def test_autoencoder_then_diffusion_training_then_evaluation(tmp_path):
     write_dataset(tmp_path / "data")
     ckpt = tmp_path / "ckpt"
-    common = {
-        **TINY,
-        "dataset_dir": str(tmp_path / "data"),
-        "ckpt_dir": str(ckpt),
-        "output_dir": str(tmp_path / "eval"),
-        "patch_size": [32, 32],
-        "slices_per_volume": 2,
-    }
+    common = train_common(tmp_path)
     run_bundle(BUNDLE, ["train.json", "train_autoencoder.json"], ae_max_epochs=2, ae_val_interval=2, **common)
     ae = torch.load(ckpt / "autoencoder.pt", weights_only=True)
     assert "reconstruction" in (tmp_path / "eval" / "autoencoder" / "metrics.csv").read_text()
@@ -377,14 +376,7 @@ def test_feedforward_twin_predicts_the_latent_from_noise_and_evaluates_its_own_w
     ckpt.mkdir()
     (ae,) = parsed("autoencoder_def", configs=("train.json",))
     save_weights(ae, ckpt / "autoencoder.pt")  # a random frozen first stage
-    common = {
-        **TINY,
-        "dataset_dir": str(tmp_path / "data"),
-        "ckpt_dir": str(ckpt),
-        "output_dir": str(tmp_path / "eval"),
-        "patch_size": [32, 32],
-        "slices_per_volume": 2,
-    }
+    common = train_common(tmp_path)
     seg, loss = parsed("network_def", "loss", configs=FEEDFORWARD, **common)
     assert seg.num_inference_steps == 1 and seg.scheduler.prediction_type == "sample"
     z0 = torch.randn(2, 4, 4, 4)

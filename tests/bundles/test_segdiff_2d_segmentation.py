@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -13,6 +18,7 @@ import torch
 from bundle_testing import (
     BUNDLES,
     FEEDFORWARD,
+    REPO,
     bundle_imports,
     check_feedforward_input,
     check_metadata,
@@ -28,6 +34,7 @@ from bundle_testing import (
 from PIL import Image
 
 from diffseg import BinaryCodec, DDPMSampler, DiffusionSegmenter
+from diffseg.curves import read_curve
 from diffseg.denoiser import ConditionalDenoiser
 from diffseg.sliding import WindowConsistentInferer
 
@@ -447,3 +454,68 @@ def test_two_process_training_with_torchrun_on_cpu(tmp_path, tiny_dataset):
     run_torchrun(BUNDLE, tmp_path, **{**train_args(tiny_dataset, tmp_path), "val_interval": 0})
     state = torch.load(tmp_path / "model.pt", weights_only=True)
     assert state and all(k.startswith("denoiser.") for k in state)  # the plain segmenter's keys, no "module."
+
+
+# --- a real training process killed with kill -9, then stopped by SIGTERM, then resumed to the end ------------------
+
+
+def _start_training(overrides: dict, log: Path) -> subprocess.Popen:
+    """``python -m monai.bundle run`` of train.json in a new process, its output in ``log``."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(ROOT / "configs" / "train.json")]
+    cmd += ["--bundle_root", str(ROOT), "--meta_file", str(ROOT / "configs" / "metadata.json")]
+    cmd += ["--logging_file", str(ROOT / "configs" / "logging.conf")]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", repr(value)]  # fire reads Python literals
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "common"), os.environ.get("PYTHONPATH", "")])}
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def _checkpoint_iteration(path: Path) -> int:
+    return torch.load(path, weights_only=True)["trainer"]["iteration"]
+
+
+def _wait(proc: subprocess.Popen, log: Path, done, what: str, timeout: float = 240) -> None:
+    """Poll until ``done()``; fail with the run's output when the process ends first or time runs out."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        if done():
+            return
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"{what} within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_last_periodic_checkpoint_and_sigterm_saves(tmp_path, tiny_dataset):
+    args = {**train_args(tiny_dataset, tmp_path), "val_interval": 0, "ema_decay": 0.9, "curve_log_interval": 1}
+    args.update(epochs=100000, ckpt_minutes=0.2 / 60, num_samples=1)
+    ckpt, log = tmp_path / "model.checkpoint.pt", tmp_path / "run.log"
+    proc = _start_training(args, log)
+    _wait(proc, log, lambda: ckpt.exists() and _checkpoint_iteration(ckpt) > 2, "no periodic checkpoint past 2")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    killed_at = _checkpoint_iteration(ckpt)  # the last periodic checkpoint before the kill
+    assert (tmp_path / "model.pt").exists()
+
+    # the resumed run saves only when it ends: SIGTERM must stop it cleanly and write that final checkpoint
+    proc = _start_training({**args, "resume": True, "ckpt_minutes": None}, log)
+    resumed = f"resume: continuing from iteration {killed_at}"
+    _wait(proc, log, lambda: resumed in log.read_text(), f"no {resumed!r}")
+    _wait(proc, log, lambda: log.read_text().count("train_loss") >= 3, "no training iterations after resuming")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    assert "SIGTERM: stopping after iteration" in log.read_text()
+    stopped_at = _checkpoint_iteration(ckpt)
+    assert stopped_at > killed_at
+
+    per_epoch = 2  # 4 training images, batch 2
+    epochs = stopped_at // per_epoch + 2
+    run_bundle(BUNDLE, ("train.json",), **{**args, "epochs": epochs, "resume": True})
+    assert _checkpoint_iteration(ckpt) == epochs * per_epoch
+    iterations = [int(r["iteration"]) for r in read_curve(tmp_path / "eval" / "curve.csv") if "loss" in r]
+    assert iterations == sorted(set(iterations)) and iterations[-1] == epochs * per_epoch
+    assert set(range(1, killed_at + 1)) <= set(iterations)  # rows up to the resumed checkpoint are kept
+    shipped = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert all(k.startswith("denoiser.") for k in shipped)  # the plain state_dict of network_def

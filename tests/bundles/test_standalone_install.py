@@ -38,8 +38,12 @@ NUCLEI_CROP = (slice(0, 160), slice(384, 512))  # (rows, columns) of stardist's 
 
 
 def _run(cmd: Sequence[str], cwd: Path, pythonpath: Path | None = None) -> str:
-    """Run ``cmd`` without the repository: no PYTHONPATH but ``pythonpath``; fails with the command's output."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    """Run ``cmd`` without the repository: no PYTHONPATH but ``pythonpath``; fails with the command's output.
+
+    Bytecode is written (PYTHONDONTWRITEBYTECODE dropped): packages are installed with ``--no-compile``, so the first
+    process compiles what it imports once instead of every process compiling torch and MONAI again."""
+    drop = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONDONTWRITEBYTECODE")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
     done = subprocess.run(list(map(str, cmd)), cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
@@ -100,7 +104,8 @@ def wheel(tmp_path_factory, timings) -> Path:
     src = tmp_path_factory.mktemp("src")
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, src)
-    shutil.copytree(REPO / "common" / "diffseg", src / "common" / "diffseg", ignore=shutil.ignore_patterns("__pycache__"))
+    package = src / "common" / "diffseg"
+    shutil.copytree(REPO / "common" / "diffseg", package, ignore=shutil.ignore_patterns("__pycache__"))
     dist = tmp_path_factory.mktemp("dist")
     start = time.perf_counter()
     _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(src), "-w", dist], cwd=dist)
@@ -110,12 +115,10 @@ def wheel(tmp_path_factory, timings) -> Path:
 
 
 @pytest.fixture(scope="module")
-def venv(tmp_path_factory, wheel, timings) -> Venv:
-    """One fresh environment for both bundles: torch, the wheel and the reviewer's jsonschema; nothing else yet."""
+def venv(tmp_path_factory, timings) -> Venv:
+    """One fresh environment for both bundles: torch and the reviewer's jsonschema; the bundles add the rest."""
     env = Venv(tmp_path_factory.mktemp("standalone") / "venv", timings)
-    env.install("install_wheel", f"torch=={_meta_value('pytorch_version')}", wheel, *reviewer_tools())
-    where = env.run("import", ["-c", "import diffseg, sys; print(diffseg.__file__); print(sys.path)"], env.root)
-    assert where.splitlines()[0].startswith(str(env.root)) and str(REPO) not in where
+    env.install("install_torch", f"torch=={_meta_value('pytorch_version')}", *reviewer_tools())
     return env
 
 
@@ -131,6 +134,9 @@ def standalone_bundle(venv: Venv, wheel: Path, name: str, tmp_path: Path) -> Pat
     root = shutil.copytree(BUNDLES / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "eval"))
     venv.install(f"{name}:install", wheel, *bundle_requirements(root / "configs" / "metadata.json"))
     _run([sys.executable, "-m", "pip", "--python", venv.python, "check"], tmp_path)
+    where = "import importlib.util, sys; print(importlib.util.find_spec('diffseg').origin); print(sys.path)"
+    found = _run([venv.python, "-c", where], root)
+    assert found.startswith(str(venv.root)) and str(REPO) not in found, found  # the wheel's diffseg, not common/
     return root
 
 
@@ -197,4 +203,4 @@ def test_segdiff_bundle_segments_real_nuclei_in_a_fresh_environment(venv, wheel,
     # mask, i.e. carry image information
     all_foreground = 2 * mask.sum() / (mask.size + mask.sum())
     assert dice(seg.astype(bool), mask) > all_foreground + 0.05
-    verify(venv, root, "--displayable_configs#num_samples", "1")
+    verify(venv, root, "--displayable_configs#num_samples", "1", "--displayable_configs#num_inference_steps", "5")
