@@ -181,6 +181,7 @@ def _contours(masks: np.ndarray, datasets: Sequence) -> list:
             item.ContourImageSequence = [_reference(ds)]
             item.ContourGeometricType = "CLOSED_PLANAR"
             item.NumberOfContourPoints = len(polygon)
-            item.ContourData = [float(v) for v in np.round(pixel_to_patient(ds, *polygon.T), 3).ravel()]
+            item.ContourData = np.round(pixel_to_patient(ds, *polygon.T), 3).ravel().tolist()  # DS: ≤ 16 characters
             items.append(item)
     return items
+

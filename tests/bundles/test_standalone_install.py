@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -27,8 +28,6 @@ from bundle_testing import BUNDLES, REPO, SCHEMA
 from PIL import Image
 
 from diffseg.data import data_path, totalseg_class_map
-
-pytestmark = [pytest.mark.slow, pytest.mark.data]
 
 TIMEOUT = 900  # seconds per command; a cold pip install of torch + ITK is the slowest step
 # (x, y, z) voxel crop of TotalSegmentator's example_ct_sm (patient A, 3 mm) around the liver: at the bundle's
@@ -164,6 +163,24 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return float(2 * (pred & ref).sum() / (pred.sum() + ref.sum()))
 
 
+@pytest.mark.parametrize("name", sorted(p.parents[1].name for p in BUNDLES.glob("*/configs/metadata.json")))
+def test_metadata_pins_the_wheel_and_the_model_card_installs_it(name):
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == ">=3.11"  # numpy 2.4.6 & co. have no 3.10 builds
+    meta_file = BUNDLES / name / "configs" / "metadata.json"
+    assert meta_file.read_text(encoding="utf-8").isascii()  # the zoo's JSON formatter would rewrite non-ASCII
+    pins = bundle_requirements(meta_file)
+    assert f"monai-diffseg=={project['version']}" in pins and "fire==0.7.1" in pins  # fire: the bundle CLI
+    card = (BUNDLES / name / "docs" / "README.md").read_text(encoding="utf-8")
+    install = card[card.index("## Install") :].split("\n## ", 1)[0]
+    wheel = f"monai_diffseg-{project['version']}-py3-none-any.whl"
+    assert wheel in install and "python -m monai.bundle run" in install
+    assert all(pin in install for pin in pins if not pin.startswith("monai-diffseg")), pins
+    assert "TorchScript export of the whole `network_def`" in card and "scripts/export.py" in card
+
+
+@pytest.mark.slow
+@pytest.mark.data
 def test_recycling_bundle_segments_a_real_ct_in_a_fresh_environment(venv, wheel, tmp_path):
     root = standalone_bundle(venv, wheel, "recycling_ddpm_3d_segmentation", tmp_path)
     ct = nib.load(data_path("totalsegmentator/example_ct_sm.nii.gz")).slicer[CT_CROP]
@@ -184,6 +201,8 @@ def test_recycling_bundle_segments_a_real_ct_in_a_fresh_environment(venv, wheel,
     verify(venv, root)
 
 
+@pytest.mark.slow
+@pytest.mark.data
 def test_segdiff_bundle_segments_real_nuclei_in_a_fresh_environment(venv, wheel, tmp_path):
     root = standalone_bundle(venv, wheel, "segdiff_2d_segmentation", tmp_path)
     image = tifffile.imread(data_path("stardist/img2d.tif"))[NUCLEI_CROP]
