@@ -17,9 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CSV_COLUMNS", "review_flag", "structure_statistics", "write_statistics_csv"]
-
-CSV_COLUMNS = ("case", "index", "class", "voxels", "volume_ml", "area_mm2", "intensity_mean", "intensity_std")
+__all__ = ["review_flag", "structure_statistics", "write_statistics_csv"]
 
 
 def _unit_size(affine: np.ndarray, spatial_dims: int) -> float:
@@ -97,10 +95,9 @@ def review_flag(
 
 
 def write_statistics_csv(path: str | os.PathLike[str], output: Path, cases: Sequence[Mapping[str, Any]]) -> None:
-    """``statistics.csv`` at ``path``: one row per case and class, from the ``statistics.json`` of each ok case.
-
-    The last column is the ensemble's ``mean_ensemble_<measure>`` when the cases have one."""
-    rows, extra = [], []
+    """``statistics.csv`` at ``path``: one row per case and class (columns ``case``, ``class`` and the fields of
+    :func:`structure_statistics`; lists as JSON), from the ``statistics.json`` of each ok case of ``cases``."""
+    rows, columns = [], ["case", "class"]
     for case in cases:
         name = f"{case['id']}/statistics.json"
         if case.get("status") != "ok" or name not in case.get("outputs", []):
@@ -108,9 +105,9 @@ def write_statistics_csv(path: str | os.PathLike[str], output: Path, cases: Sequ
         stats = json.loads((output / name).read_text())
         for cls, entry in stats["classes"].items():
             rows.append({"case": case["id"], "class": cls, **entry})
-            extra += [k for k in entry if k.startswith("mean_ensemble_") and k not in extra]
+            columns += [k for k in entry if k not in columns]
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*CSV_COLUMNS, *extra], extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: (json.dumps(v) if isinstance(v, list) else v) for k, v in row.items()})

@@ -80,7 +80,7 @@ def write_rtstruct(
     import highdicom as hd
     from pydicom.dataset import Dataset
     from pydicom.sr.codedict import codes
-    from pydicom.uid import ExplicitVRLittleEndian
+    from pydicom.uid import ImplicitVRLittleEndian
 
     datasets, notes = read_sources(source_files)
     frames = label_on_dicom_grid(np.asarray(label), affine, datasets)
@@ -97,7 +97,7 @@ def write_rtstruct(
         sop_class_uid=RTSTRUCT_SOP_CLASS,
         instance_number=1,
         modality="RTSTRUCT",
-        transfer_syntax_uid=ExplicitVRLittleEndian,
+        transfer_syntax_uid=ImplicitVRLittleEndian,  # 4-byte lengths: a long contour's ContourData exceeds 64 kB
         series_date=now.date(),
         series_time=now.time(),
         **equipment(algorithm, version),
@@ -184,4 +184,3 @@ def _contours(masks: np.ndarray, datasets: Sequence) -> list:
             item.ContourData = np.round(pixel_to_patient(ds, *polygon.T), 3).ravel().tolist()  # DS: ≤ 16 characters
             items.append(item)
     return items
-

@@ -268,6 +268,20 @@ def test_training_stops_resumes_and_ships_ema_weights(tmp_path, tiny_dataset):
     check_resumable_training(BUNDLE, ["train.json"], "epochs", **args)
 
 
+def test_stopped_and_resumed_bundle_training_equals_one_run(tmp_path, tiny_dataset):
+    """train.json itself: 2 epochs in one run and 1 + resume + 1 (the same LR schedule) ship the same EMA weights:
+    random crops, flips, intensity augmentation, shuffling and diffusion noise all continue where they stopped."""
+    shipped = []
+    for name, runs in (("whole", (2,)), ("parts", (1, 2))):
+        args = {**train_args(tiny_dataset, tmp_path / name), "ema_decay": 0.5, "lr_total_steps": 4}
+        for epochs in runs:
+            run_bundle(BUNDLE, ("train.json",), **{**args, "epochs": epochs, "resume": epochs > 1})
+        shipped.append(torch.load(tmp_path / name / "model.pt", weights_only=True))
+    whole, parts = shipped
+    assert whole.keys() == parts.keys()
+    assert max((whole[k] - parts[k]).abs().max().item() for k in whole) < 1e-6
+
+
 def test_training_counts_two_iterations_and_changes_weights(tmp_path, tiny_dataset):
     parser = load_config(BUNDLE, ("train.json",), **train_args(tiny_dataset, tmp_path))
     with bundle_imports(BUNDLE):

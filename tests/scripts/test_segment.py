@@ -355,7 +355,7 @@ def test_every_bundle_segments_a_folder_with_its_shipped_weights(tmp_path, name)
     write_ct_series(folder / "ct", slices=3)
     folder.mkdir(exist_ok=True)
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56), dtype=np.uint8)).save(folder / "cells.png")
-    result = segment_folder(model, folder, tmp_path / "out", formats, progress=False)
+    result = segment_folder(model, folder, tmp_path / "out", formats, progress=False, statistics=True)
     cases = {c["id"]: c for c in result["cases"]}
     runnable = ["cells"] if model.spatial_dims == 2 else ["vol", "ct"]
     for ident, case in cases.items():
@@ -371,6 +371,11 @@ def test_every_bundle_segments_a_folder_with_its_shipped_weights(tmp_path, name)
         expected = {"cells": (56, 40), "vol": (48, 40, 12), "ct": (128, 128, 3)}[ident]  # MONAI reads PNG as (W, H)
         assert label.shape == expected and set(np.unique(label)) <= labels, (ident, label.shape)
         assert (tmp_path / "out" / ident / "overlay.png").read_bytes()[:4] == b"\x89PNG"
+        stats = json.loads((tmp_path / "out" / ident / "statistics.json").read_text())["classes"]
+        size = "area_mm2" if model.spatial_dims == 2 else "volume_ml"
+        assert sum(e["voxels"] for e in stats.values()) == int((label > 0).sum())
+        assert all(size in e for e in stats.values())
+        assert ("qc" in cases[ident]) == ("uncertainty" in formats)  # every uncertainty run here has 2 samples
         if "uncertainty" in formats:
             unc = np.asarray(nib.load(tmp_path / "out" / ident / "uncertainty.nii.gz").dataobj)
             assert unc.shape == expected and unc.min() >= 0 and unc.max() > 0  # two samples disagree somewhere
