@@ -390,6 +390,7 @@ class PeriodicValidation(ValidationHandler):
     """MONAI's ``ValidationHandler`` every ``interval`` epochs and/or every ``minutes`` of training time, and once
     more when the run ends (unless it just ran): the last row of a learning curve is the final model. The global
     random generators are restored after each validation, so how often a run validates does not change its training.
+    An empty validation list (e.g. MONAI Label's ``val_split`` 0) skips validation.
 
     Args:
         validator: the evaluator.
@@ -425,6 +426,10 @@ class PeriodicValidation(ValidationHandler):
         if self._last == engine.state.iteration:
             return
         self._last = engine.state.iteration
+        loader = getattr(self.validator, "data_loader", None)
+        if loader is not None and hasattr(loader, "__len__") and len(loader) == 0:
+            engine.logger.info("validation skipped: the validation data list is empty")
+            return
         generators = RandomStates()
         state = generators.state_dict()
         try:

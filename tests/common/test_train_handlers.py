@@ -192,6 +192,15 @@ def test_validation_runs_on_ema_weights_and_training_continues_on_live_ones(tmp_
     assert torch.equal(seen[-1], final_average) and not torch.equal(run["net"][0].weight, final_average)
 
 
+def test_an_empty_validation_list_skips_validation(tmp_path):
+    trainer, run = make_run(tmp_path, max_epochs=1)
+    run["validator"].data_loader = DataLoader([], batch_size=1)
+    runs = []
+    run["validator"].add_event_handler(Events.STARTED, lambda _: runs.append(1))
+    trainer.run()
+    assert trainer.state.iteration == EPOCH and runs == []
+
+
 def test_time_budget_stops_cleanly_with_a_final_checkpoint(tmp_path):
     trainer, run = make_run(tmp_path, max_epochs=1000, max_minutes=0.5 / 60)
     trainer.run()

@@ -61,7 +61,8 @@ class DiffusionBundleTrainTask(BundleTrainTask):
         if not pretrained:
             return
         path = str(self.finetuned if self.finetuned.is_file() else Path(self.bundle_path) / "models" / WEIGHTS_NAME)
-        train_handlers[:] = [h for h in train_handlers if h.get("_desc_") != LOADER_DESC]
+        # entries are handler configs or references to shared ones ("@clock", "@ema")
+        train_handlers[:] = [h for h in train_handlers if not (isinstance(h, dict) and h.get("_desc_") == LOADER_DESC)]
         train_handlers.insert(
             0,
             {
