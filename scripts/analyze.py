@@ -10,6 +10,8 @@ with the weights of ``--ckpt`` (default: the config's ``ckpt_path``).
     python scripts/analyze.py compare --bundle bundles/<name> --ckpt <diffusion.pt> --other_ckpt <ff.pt>
         --other_configs "['train_feedforward.json']" --output <dir>
     python scripts/analyze.py stability --bundle bundles/<name> --output <dir> [--seeds "[0,1,2]"]
+    python scripts/analyze.py ensemble --bundle bundles/<name> --output <dir> [--samples "[1,3,9]"] [--seeds "[0,1,2]"]
+    python scripts/analyze.py otsu --bundle bundles/<name> --output <dir>     # the threshold baseline
     python scripts/analyze.py curves --runs a/curve.csv,b/curve.csv --labels diffusion,feed-forward --output x.png
 
 ``python scripts/analyze.py <analysis> --help`` documents each one.
@@ -34,11 +36,13 @@ from diffseg.analysis import (
 )
 from diffseg.bundles import bundle_imports, bundle_parser
 from diffseg.curves import curve_summary, plot_curves, read_curve
+from diffseg.ensembles import aggregate
 from diffseg.metrics import reliability_data, seed_stability
 
 
-def _load(bundle: str, configs: Sequence[str], ckpt: str | None, override: dict | None):
-    """(segmenter, validation dataset, validation inferer, roi_size or None) of a bundle, weights loaded."""
+def _load(bundle: str, configs: Sequence[str], ckpt: str | None, override: dict | None, weights: bool = True):
+    """(segmenter, validation dataset, validation inferer, roi_size or None) of a bundle, weights loaded (unless
+    ``weights`` is False)."""
     root = Path(bundle).resolve()
     with bundle_imports(root):
         parser = bundle_parser(root, ["train.json", *configs], **(override or {}))
@@ -47,7 +51,8 @@ def _load(bundle: str, configs: Sequence[str], ckpt: str | None, override: dict 
         inferer = parser.get_parsed_content("validate#inferer")
         path = ckpt or parser.get_parsed_content("ckpt_path")
         roi = parser.get_parsed_content("roi_size", default=None)
-    segmenter.load_state_dict(torch.load(path, weights_only=True))
+    if weights:
+        segmenter.load_state_dict(torch.load(path, weights_only=True))
     return segmenter, dataset, inferer, roi
 
 
@@ -198,6 +203,79 @@ def stability(
     return rows
 
 
+def otsu(
+    bundle: str, output: str, configs: Sequence[str] = (), limit: int | None = None, override: dict | None = None
+) -> dict:
+    """The trivial baseline: an Otsu threshold (``skimage.filters.threshold_otsu``) of each validation image's
+    channel 0 (bright = foreground; the threshold is invariant to the bundle's affine intensity normalisation), scored
+    as a {0, 1} probability map with the same Dice / IoU / ECE as the models → otsu.csv; returns the mean row."""
+    from skimage.filters import threshold_otsu
+
+    _, dataset, _, _ = _load(bundle, configs, None, override, weights=False)
+    rows = []
+    for index, (image, label) in enumerate(_items(dataset, limit)):
+        channel = image[:, :1].numpy()
+        fg = torch.as_tensor(channel > threshold_otsu(channel)).float()
+        scores = segmentation_scores(torch.cat([1 - fg, fg], 1), (label > 0).long())
+        rows.append({"item": index, "threshold": float(threshold_otsu(channel)), **scores})
+    write_csv(rows, Path(output) / "otsu.csv")
+    return {k: sum(r[k] for r in rows) / len(rows) for k in ("dice", "iou", "ece")}
+
+
+def ensemble(
+    bundle: str,
+    output: str,
+    samples: Sequence[int] = (1, 3, 9),
+    seeds: Sequence[int] = (0, 1, 2),
+    num_bins: int = 10,
+    configs: Sequence[str] = (),
+    ckpt: str | None = None,
+    limit: int | None = None,
+    override: dict | None = None,
+) -> list[dict]:
+    """Ensemble size vs Dice / IoU / ECE (paper 002's claim): per seed, one run of max(``samples``) chains; the mean
+    of its first N sample maps is the N-sample ensemble (the chains are independent, so N' < N costs nothing more).
+    Writes ensemble.csv (seed, N, item, scores), ensemble_summary.csv (per N: mean ± std over seeds of the per-seed
+    mean over items) and calibration_N<n>.png (reliability diagram of the first seed) for each N."""
+    segmenter, dataset, inferer, _ = _load(bundle, configs, ckpt, override)
+    sizes = sorted({int(n) for n in samples})
+    segmenter.num_samples = sizes[-1]
+    rows, pooled = [], {n: ([], []) for n in sizes}
+    for s in seeds:
+        segmenter.seed = int(s)
+        for index, (image, label) in enumerate(_items(dataset, limit)):
+            _probs(segmenter, inferer, image)
+            for n in sizes:
+                p = aggregate(segmenter.last_samples[:, :n], segmenter.aggregation)
+                rows.append({"seed": int(s), "samples": n, "item": index, **segmentation_scores(p, label, num_bins)})
+                if s == seeds[0]:
+                    pooled[n][0].append(p[:, 1:2].flatten(2) if p.shape[1] == 2 else (1 - p[:, :1]).flatten(2))
+                    pooled[n][1].append((label > 0).long().flatten(2))
+    out = Path(output)
+    write_csv(rows, out / "ensemble.csv")
+    summary = []
+    for n in sizes:
+        per_seed = {k: [] for k in ("dice", "iou", "ece") if k in rows[0]}
+        for s in seeds:
+            mine = [r for r in rows if r["samples"] == n and r["seed"] == int(s)]
+            for k in per_seed:
+                per_seed[k].append(sum(r[k] for r in mine) / len(mine))
+        row = {"samples": n, "seeds": len(seeds)}
+        for k, v in per_seed.items():
+            t = torch.tensor(v, dtype=torch.float64)
+            row[f"{k}_mean"], row[f"{k}_std"] = float(t.mean()), float(t.std(unbiased=False))
+        summary.append(row)
+        fg, gt = (torch.cat(x, 2) for x in pooled[n])
+        data = reliability_data(torch.cat([1 - fg, fg], 1), gt, num_bins=num_bins)
+        save_reliability_diagram(data, out / f"calibration_N{n}.png", f"{Path(bundle).name}, N = {n}, seed {seeds[0]}")
+    write_csv(summary, out / "ensemble_summary.csv")
+    print("| N | " + " | ".join(k for k in ("Dice", "IoU", "ECE")) + " |\n|---|---|---|---|")
+    for r in summary:
+        cells = [f"{r[f'{k}_mean']:.3f} ± {r[f'{k}_std']:.3f}" for k in ("dice", "iou", "ece") if f"{k}_mean" in r]
+        print(f"| {r['samples']} | " + " | ".join(cells) + " |")
+    return summary
+
+
 def _names(value: str | Sequence[str]) -> list[str]:
     """Fire passes ``a,b`` as a string or a tuple."""
     return [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v) for v in value]
@@ -237,6 +315,8 @@ if __name__ == "__main__":
             "calibration": calibration,
             "compare": compare,
             "stability": stability,
+            "otsu": otsu,
+            "ensemble": ensemble,
             "curves": curves,
         }
     )

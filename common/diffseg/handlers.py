@@ -121,16 +121,17 @@ class TrainingClock:
             engine.terminate()
 
     def every(self, minutes: float) -> Callable[[Engine, int], bool]:
-        """An ignite event filter that fires once every ``minutes`` of training time (of ``now``)."""
+        """An ignite event filter that fires once every ``minutes`` of training time (of ``now``), counted from the end
+        of the previous firing's handlers (a validation longer than ``minutes`` does not fire it again at once)."""
         if minutes <= 0:
             raise ValueError(f"minutes={minutes} must be > 0")
         mark: list[float | None] = [None]
 
         def _due(_engine: Engine, _event: int) -> bool:
-            if mark[0] is None:
+            if mark[0] is None:  # first call, or the first after firing: the time the handler took is not counted
                 mark[0] = self.now
             if self.now - mark[0] >= minutes * 60:
-                mark[0] = self.now
+                mark[0] = None
                 return True
             return False
 

@@ -64,7 +64,8 @@ class DiffusionSegmenter(nn.Module):
         samples_per_batch: cap on chains run at once (memory); None runs all B·N together.
         progress: tqdm bar over steps.
 
-    ``forward`` returns the scores; the last call's uncertainty is in ``last_uncertainty`` (not part of ``pred``).
+    ``forward`` returns the scores; the last call's uncertainty is in ``last_uncertainty`` (not part of ``pred``) and
+    its per-sample probabilities (B, N, C, *S) in ``last_samples`` (ensemble analyses: any N' ≤ N from one run).
     """
 
     def __init__(
@@ -109,6 +110,7 @@ class DiffusionSegmenter(nn.Module):
         self.samples_per_batch = samples_per_batch
         self.progress = progress
         self.last_uncertainty: Uncertainty | None = None
+        self.last_samples: torch.Tensor | None = None
 
     def _check_image(self, image: torch.Tensor) -> torch.Tensor:
         image = convert_to_tensor(image, track_meta=False)
@@ -166,5 +168,5 @@ class DiffusionSegmenter(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Image (B, C_img, *S) → per-class scores (B, C, *S); stores ``last_uncertainty``."""
         out = self.predict(image)
-        self.last_uncertainty = out.uncertainty
+        self.last_uncertainty, self.last_samples = out.uncertainty, out.samples
         return out.probs

@@ -167,7 +167,7 @@ class WindowConsistentInferer(Inferer):
             ``mode`` (``"gaussian"`` or ``"constant"`` blending), ``sigma_scale``, ``padding_mode``,
             ``cache_condition`` (each window's image conditioning once per image, or at every step), ``progress``.
 
-    The segmenter's ``last_uncertainty`` holds the whole image's uncertainty after the call. A ``MetaTensor`` input
+    The segmenter's ``last_uncertainty`` and ``last_samples`` cover the whole image after the call. A ``MetaTensor`` input
     gives a ``MetaTensor`` output with the input's metadata, as MONAI's ``SlidingWindowInferer`` does.
     """
 
@@ -188,7 +188,7 @@ class WindowConsistentInferer(Inferer):
         roi = fit_window(self.roi_size, inputs.shape[2:], self.size_divisible)  # never beyond the rounded image
         window = WindowedDenoiser(segmenter.denoiser, roi, **self.window_args)
         out = segmenter.predict(inputs, denoiser=window)
-        segmenter.last_uncertainty = out.uncertainty
+        segmenter.last_uncertainty, segmenter.last_samples = out.uncertainty, out.samples
         return convert_to_dst_type(out.probs, inputs)[0]  # a MetaTensor input's metadata travels on (Invertd)
 
 

@@ -283,3 +283,15 @@ def test_handlers_reject_inconsistent_settings():
         TrainingCheckpoint("/tmp", {}, save_minutes=5)
     with pytest.raises(ValueError, match="TrainingClock"):
         PeriodicValidation(None, minutes=5)
+
+
+def test_every_counts_minutes_from_the_end_of_the_previous_firing():
+    """A validation longer than its interval does not fire again at the next iteration (time spent by the handler
+    is not counted towards the next interval)."""
+    clock = TrainingClock()
+    due = clock.every(1.0)
+    fired = []
+    for now in (0.0, 30.0, 61.0, 200.0, 230.0, 262.0):  # the handler fired at 61 s ran until 200 s
+        clock.now = now
+        fired.append(due(None, 0))
+    assert fired == [False, False, True, False, False, True]

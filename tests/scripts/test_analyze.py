@@ -71,8 +71,48 @@ def test_calibration_stability_and_compare(setup, tmp_path):
     assert len(rows(tmp_path / "cmp" / "compare.csv")) == 2
 
 
+def test_ensemble_sizes_from_one_run_equal_the_segmenters_own_ensemble(setup, tmp_path):
+    root, ckpt, override = setup
+    override = {**override, "validate#inferer#roi_size": [32, 32, 16]}
+    summary = analyze.ensemble(str(BUNDLE), str(tmp_path), samples=[2, 1], seeds=[0, 0], ckpt=ckpt, override=override)
+    assert [r["samples"] for r in summary] == [1, 2] and all(r["dice_std"] == 0 for r in summary)  # same seed twice
+    table = rows(tmp_path / "ensemble.csv")
+    assert [(r["seed"], r["samples"]) for r in table] == [("0", "1"), ("0", "2")] * 2
+    report = analyze.calibration(str(BUNDLE), str(tmp_path / "cal"), samples=2, ckpt=ckpt, override=override)
+    assert summary[1]["dice_mean"] == pytest.approx(report["per_image"][0]["dice"])  # mean of its 2 sample maps
+    for n in (1, 2):
+        with Image.open(tmp_path / f"calibration_N{n}.png") as img:
+            assert img.format == "PNG"
+
+
+def test_otsu_baseline_finds_the_bright_box_and_its_ece_is_the_error_rate(setup, tmp_path):
+    _, _, override = setup
+    rng = np.random.default_rng(1)
+    label = np.zeros((40, 36, 18), np.uint8)
+    label[8:20, 8:20, 4:12] = 1
+    image = np.where(label > 0, 100.0, -700.0) + rng.normal(0, 20, label.shape)
+    image.reshape(-1)[rng.choice(np.flatnonzero(label == 0), 100, replace=False)] = 100.0  # 100 bright outliers
+    affine = np.diag([1.5, 1.5, 5.0, 1.0])
+    write_nifti(tmp_path / "img.nii.gz", image.astype(np.float32), affine)
+    write_nifti(tmp_path / "lab.nii.gz", label, affine)
+    entry = {"image": "img.nii.gz", "label": "lab.nii.gz"}
+    (tmp_path / "dataset.json").write_text(json.dumps({"training": [entry], "validation": [entry]}))
+    override = {**override, "dataset_dir": str(tmp_path)}
+    result = analyze.otsu(str(BUNDLE), str(tmp_path / "out"), override=override)
+    (row,) = rows(tmp_path / "out" / "otsu.csv")
+    assert result["dice"] == pytest.approx(float(row["dice"])) and 0.9 < result["dice"] < 1.0
+    with analyze.bundle_imports(BUNDLE.resolve()):
+        parser = analyze.bundle_parser(BUNDLE.resolve(), ["train.json"], **override)
+        item = parser.get_parsed_content("validate#dataset")[0]
+    image, label = np.asarray(item["image"])[:1], np.asarray(item["label"])[0] > 0
+    from skimage.filters import threshold_otsu
+
+    error = ((image[0] > threshold_otsu(image)) != label).mean()
+    assert error > 0 and result["ece"] == pytest.approx(error, abs=1e-6)  # a {0, 1} map: as overconfident as wrong
+
+
 def test_help_documents_each_analysis():
-    for name in ("fingerprint", "calibration", "compare", "stability"):
+    for name in ("fingerprint", "calibration", "compare", "stability", "ensemble", "otsu"):
         text = fire.helptext.HelpText(getattr(analyze, name), trace=fire.trace.FireTrace(None, name=name))
         assert "BUNDLE" in text and "OUTPUT" in text and getattr(analyze, name).__doc__.split()[0] in text
 

@@ -1,6 +1,6 @@
 """Derived nuclei dataset for the demo weights: the stardist image tiled, the right quarter held out.
 
-    python bundles/segdiff_2d_segmentation/scripts/prepare_data.py [--output_dir DIR] [--tile 128] [--stride 64]
+    python bundles/segdiff_2d_segmentation/scripts/prepare_data.py [--output_dir DIR] [--tile 256] [--stride 64]
 
 Reads ``stardist/img2d.tif`` and ``stardist/mask2d.tif`` from the project's data cache (``scripts/fetch_data.py``),
 binarises the instance mask (``mask > 0``), writes overlapping ``tile``² PNG tiles of the left three quarters to
@@ -50,7 +50,7 @@ def _save_png(array: np.ndarray, path: Path) -> None:
         Image.fromarray(array.astype(np.uint16)).save(path)
 
 
-def prepare(output_dir: str | None = None, tile: int = 128, stride: int = 64, holdout_fraction: float = 0.25) -> dict:
+def prepare(output_dir: str | None = None, tile: int = 256, stride: int = 64, holdout_fraction: float = 0.25) -> dict:
     """Write the tiles, the held-out strip and ``dataset.json``; return the dataset dictionary."""
     out = Path(output_dir) if output_dir else cache_dir() / DEFAULT_DIR
     image = tifffile.imread(data_path("stardist/img2d.tif"))
