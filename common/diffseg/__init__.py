@@ -6,7 +6,8 @@ One concept per module: ``schedules`` (noise schedules in MONAI's registry), ``r
 ``SupervisedTrainer``), ``losses``, ``segmenter`` (image → scores with the sampler inside), ``sliding``
 (window-consistent sampling), ``transforms`` (uncertainty maps in post-processing), ``ensembles``, ``uncertainty``,
 ``metrics``, ``handlers``/``optimizers``/``curves`` (training to a budget: clock, resumable checkpoints, EMA,
-LR schedule, learning curves) and ``data`` (the real-data fetcher).
+LR schedule, learning curves), ``data`` (the real-data fetcher), ``overlay`` (the overlay PNG, also as the bundles'
+``SaveOverlayd`` postprocessing step) and ``notices`` (notices that ask nothing of the user, silenced on import).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from diffseg.ddpm import DDPMSampler
 from diffseg.denoiser import ConcatDenoiser, ConditionalDenoiser
 from diffseg.handlers import PeriodicValidation, RandomStates, TrainingCheckpoint, TrainingClock, WeightEMA
 from diffseg.losses import DiffusionSegLoss, ForegroundDiceLoss
+from diffseg.notices import silence_notices
 from diffseg.optimizers import WarmupCosineSchedule
+from diffseg.overlay import SaveOverlayd
 from diffseg.respacing import respace, spaced_timesteps
 from diffseg.scheduler import DiffusionScheduler, StepOutput
 from diffseg.segmenter import DiffusionSegmenter
@@ -28,6 +31,8 @@ from diffseg.training import DiffusionSegPrepareBatch, FeedForwardPrepareBatch, 
 from diffseg.transforms import SegmenterUncertaintyd
 
 __version__ = "0.1.0"
+
+silence_notices()
 
 __all__ = [
     "BinaryCodec",
@@ -47,6 +52,7 @@ __all__ = [
     "OneHotCodec",
     "PeriodicValidation",
     "RandomStates",
+    "SaveOverlayd",
     "SegmenterUncertaintyd",
     "StepOutput",
     "StitchedUncertaintyInferer",

@@ -3,7 +3,8 @@
 :func:`load_bundle` parses the bundle's ``preprocessing``, ``network`` (+ the ``ckpt_path`` weights), ``inferer``
 and ``postprocessing`` with MONAI's ``ConfigParser`` (settings overridden through ``displayable_configs`` ids), so a
 case segmented here equals the same case run by ``python -m monai.bundle run``. Only the bundle's ``SaveImaged``
-steps are taken out of ``postprocessing``: their writers are called here with temporary file names.
+and ``SaveOverlayd`` steps are taken out of ``postprocessing``: the writers are called here with temporary file
+names.
 
 :func:`segment_folder` runs the cases of :func:`diffseg.discovery.discover`:
 
@@ -21,7 +22,8 @@ steps are taken out of ``postprocessing``: their writers are called here with te
 
 Outputs per case in ``<output>/<case id>/``: ``seg.nii.gz`` (uint8 labels, original geometry), ``seg.dcm`` (DICOM
 SEG, DICOM inputs), ``rtstruct.dcm`` (RT Structure Set, DICOM inputs), ``uncertainty.nii.gz``, ``overlay.png``,
-``statistics.json`` (``statistics=True``; ``<output>/statistics.csv`` over all cases). With an ensemble (≥ 2 samples)
+``statistics.json`` (``statistics=True``; ``<output>/statistics.csv`` over all cases); the overlay is drawn by
+:mod:`diffseg.overlay`, files are written with :func:`diffseg.io.atomic_path`. With an ensemble (≥ 2 samples)
 and an uncertainty map each entry gets ``qc``: the disagreement inside the predicted foreground and the review flag
 (:func:`diffseg.reports.review_flag`).
 """
@@ -38,7 +40,7 @@ import shutil
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,21 +53,19 @@ from tqdm.auto import tqdm
 
 from diffseg.bundles import bundle_imports, bundle_parser
 from diffseg.discovery import Case, pixel_data_problem, scan, unique_ids
-from diffseg.io import CheckImaged
+from diffseg.io import CheckImaged, as_numpy, atomic_path
+from diffseg.overlay import SaveOverlayd, class_rgb, radiological, save_overlay
 from diffseg.reports import review_flag, structure_statistics, write_statistics_csv
 
 __all__ = [
     "FORMATS",
     "RUNTIMES",
     "BundleModel",
-    "atomic_path",
-    "class_rgb",
     "dist_info",
     "exit_code",
     "load_bundle",
     "read_manifest",
     "read_manifest_file",
-    "save_overlay",
     "segment_folder",
 ]
 
@@ -106,7 +106,7 @@ def _split_savers(post: Compose) -> tuple[Compose, dict[str, Any]]:
         if isinstance(t, SaveImaged):
             for key in t.keys:
                 savers[key] = t.saver
-        else:
+        elif not isinstance(t, SaveOverlayd):  # the folder CLI draws its own overlay.png
             kept.append(t)
     return Compose(kept), savers
 
@@ -246,18 +246,7 @@ def use_onnxruntime(model: BundleModel, onnx_path: str | os.PathLike[str] | None
     return Path(onnx_path)
 
 
-# ---- atomic files and the manifest --------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
-    """A temporary path next to ``final`` (same suffixes) that is renamed to ``final`` when the block succeeds."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{os.getpid()}.tmp.{final.name}")
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+# ---- the manifest --------------------------------------------------------------------------------------------------
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -382,91 +371,6 @@ def _infer(model: BundleModel, data: dict) -> dict:
     return model.postprocessing({**data, "pred": pred[0]})
 
 
-def _as_numpy(x: Any) -> np.ndarray:
-    return np.asarray(x.detach().cpu().numpy() if torch.is_tensor(x) else x)
-
-
-CT_WINDOW = (-160.0, 240.0)  # abdominal soft-tissue window (W 400, L 40) for images that look like CT in HU
-
-
-def radiological(*arrays: Any) -> list[np.ndarray]:
-    """3D (C, I, J, K) MetaTensors reoriented to LPS, so ``array[c, :, :, k].T`` is an axial slice in radiological
-    view (anterior up, patient's right on the left); arrays without an affine are returned as they are."""
-    from monai.data import MetaTensor
-    from monai.transforms import Orientation
-
-    out = []
-    for a in arrays:
-        if a is not None and isinstance(a, MetaTensor) and a.ndim == 4:
-            a = Orientation(axcodes="LPS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(a)
-        out.append(None if a is None else _as_numpy(a))
-    return out
-
-
-def class_rgb(index: int) -> tuple[int, int, int]:
-    """The colour (0–255) of class ``index`` in the overlay PNG and the RTSTRUCT: matplotlib's tab20, cyclic."""
-    from matplotlib import colormaps
-
-    return tuple(int(round(255 * c)) for c in colormaps["tab20"].colors[int(index) % 20])
-
-
-def save_overlay(
-    image: np.ndarray,
-    label: np.ndarray,
-    path: str | os.PathLike[str],
-    classes: Mapping[int, str],
-    uncertainty: np.ndarray | None = None,
-    title: str = "",
-    slices: int = 4,
-    flag: str = "",
-) -> None:
-    """A PNG montage of image (C, *S) channel 0 with the label (1, *S) and, if given, uncertainty (C_u, *S) maxed
-    over channels. 3D: the ``slices`` slices along the last axis with most foreground; 2D: the image itself. Each
-    slice is shown transposed: MONAI's (W, H) for 2D images, LPS arrays (:func:`radiological`) in radiological view.
-    Intensities: the CT soft-tissue window when the image looks like HU, else the 1st–99th percentiles. Class colours
-    are :func:`class_rgb`. A non-empty ``flag`` (a case flagged for review) is printed in red with a red frame."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-
-    img, lab = image[0], label[0]
-    unc = None if uncertainty is None else uncertainty.max(axis=0)
-    if img.ndim == 2:
-        img, lab, unc = img[..., None], lab[..., None], None if unc is None else unc[..., None]
-    area = (lab > 0).reshape(-1, lab.shape[-1]).sum(0)
-    picked = sorted(np.argsort(-area, kind="stable")[: min(slices, lab.shape[-1])])
-    low, high = np.percentile(img, [1, 99])
-    if low < -500 and high > 0:  # HU
-        low, high = CT_WINDOW
-    rows = 1 if unc is None else 2
-    fig, axes = plt.subplots(rows, len(picked), figsize=(3 * len(picked), 3 * rows + 0.6), squeeze=False)
-    top = max(int(lab.max()), 1)
-    colors = ListedColormap([np.asarray(class_rgb(v)) / 255 for v in range(top + 1)])
-    for col, k in enumerate(picked):
-        for row in range(rows):
-            ax = axes[row][col]
-            ax.imshow(img[..., k].T, cmap="gray", vmin=low, vmax=high)
-            if row == 0:
-                masked = np.ma.masked_equal(lab[..., k].T, 0)
-                ax.imshow(masked, cmap=colors, vmin=-0.5, vmax=top + 0.5, alpha=0.5, interpolation="nearest")
-                ax.set_title(f"slice {k}" if image[0].ndim == 3 else "", fontsize=8)
-            else:
-                ax.imshow(unc[..., k].T, cmap="magma", alpha=0.6)
-            ax.axis("off")
-    present = [int(v) for v in np.unique(lab) if v > 0]
-    handles = [plt.Rectangle((0, 0), 1, 1, color=np.asarray(class_rgb(v)) / 255) for v in present]
-    fig.legend(handles, [classes.get(v, str(v)) for v in present], loc="lower center", ncol=4, fontsize=7)
-    fig.suptitle(title + ("  (row 2: uncertainty)" if rows == 2 else ""), fontsize=9)
-    if flag:
-        fig.text(0.5, 0.9, flag, ha="center", color="red", fontsize=10, weight="bold")
-        fig.patches.append(plt.Rectangle((0, 0), 1, 1, transform=fig.transFigure, fill=False, color="red", lw=6))
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-
-
 def _write_outputs(
     model: BundleModel, case: Case, out: dict, raw: Any, folder: Path, formats: Sequence[str], statistics: bool
 ) -> tuple[list[str], list[str], dict[str, Any]]:
@@ -493,16 +397,16 @@ def _write_outputs(
             else:
                 _nifti(unc, tmp, np.float32)
         written.append("uncertainty.nii.gz")
-    affine = _as_numpy(label.affine) if hasattr(label, "affine") else np.eye(4)
-    array = _as_numpy(label)[0]
+    affine = as_numpy(label.affine) if hasattr(label, "affine") else np.eye(4)
+    array = as_numpy(label)[0]
     if case.kind == "dicom":
         _write_dicom(model, case, array.astype(np.uint8), affine, folder, formats, written, notes)
     samples = model.settings.get("num_samples") or 1
     if unc is not None and samples >= 2:
-        extra["qc"] = review_flag(array, _as_numpy(unc), model.uncertainty_measure, samples, model.qc_threshold)
+        extra["qc"] = review_flag(array, as_numpy(unc), model.uncertainty_measure, samples, model.qc_threshold)
     if statistics:
         found = structure_statistics(
-            array, affine, _as_numpy(raw), model.classes, None if unc is None else _as_numpy(unc),
+            array, affine, as_numpy(raw), model.classes, None if unc is None else as_numpy(unc),
             model.uncertainty_measure or "std",
         )  # fmt: skip
         _write_json(folder / "statistics.json", {"case": case.id, "bundle": model.name, **found})

@@ -1,16 +1,19 @@
-"""Input checks shared by the bundles: find the images of a folder, reject images a network cannot take."""
+"""Input checks shared by the bundles (find the images of a folder, reject images a network cannot take) and the
+atomic file writes of the outputs."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai.transforms import MapTransform
 
-__all__ = ["IMAGE_SUFFIXES", "CheckImaged", "list_images"]
+__all__ = ["IMAGE_SUFFIXES", "CheckImaged", "as_numpy", "atomic_path", "list_images"]
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
 
@@ -61,3 +64,21 @@ class CheckImaged(MapTransform):
             if not bool(torch.isfinite(torch.as_tensor(img)).all()):
                 raise ValueError(f"{name}: image contains NaN or infinite values")
         return d
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary path next to ``final`` (same suffixes) that is renamed to ``final`` when the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{os.getpid()}.tmp.{final.name}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def as_numpy(x: Any) -> np.ndarray:
+    """A tensor (any device) or array-like as a numpy array."""
+    return np.asarray(x.detach().cpu().numpy() if torch.is_tensor(x) else x)

@@ -1,4 +1,5 @@
-"""diffseg.deploy helpers: radiological display orientation, atomic files, exit codes."""
+"""diffseg.deploy helpers and what it uses: radiological display orientation (diffseg.overlay), atomic files
+(diffseg.io), exit codes."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from diffseg.deploy import atomic_path, exit_code, radiological
+from diffseg.deploy import exit_code
+from diffseg.io import atomic_path
+from diffseg.overlay import radiological
 
 
 def test_radiological_puts_anterior_up_and_patient_right_on_the_left():

@@ -25,8 +25,9 @@ sys.path[:0] = [
 from bundle_testing import BUNDLES, write_nifti  # noqa: E402
 from dicom_testing import dciodvfy_errors, rtstruct_masks, write_ct_series  # noqa: E402
 
-from diffseg.deploy import class_rgb, load_bundle, segment_folder  # noqa: E402
+from diffseg.deploy import load_bundle, segment_folder  # noqa: E402
 from diffseg.dicomseg import label_on_dicom_grid, read_sources  # noqa: E402
+from diffseg.overlay import class_rgb  # noqa: E402
 from diffseg.rtstruct import RTSTRUCT_SOP_CLASS, mask_contours  # noqa: E402
 
 BUNDLE = BUNDLES / "recycling_ddpm_3d_segmentation"
