@@ -13,17 +13,23 @@ with the weights of ``--ckpt`` (default: the config's ``ckpt_path``).
     python scripts/analyze.py ensemble --bundle bundles/<name> --output <dir> [--samples "[1,3,9]"] [--seeds "[0,1,2]"]
     python scripts/analyze.py otsu --bundle bundles/<name> --output <dir>     # the threshold baseline
     python scripts/analyze.py curves --runs a/curve.csv,b/curve.csv --labels diffusion,feed-forward --output x.png
+    python scripts/analyze.py qc-threshold --bundle bundles/<name> --input <held-out case(s)> [--samples 3] [--write]
 
-``python scripts/analyze.py <analysis> --help`` documents each one.
+``qc-threshold`` runs the folder engine (``diffseg.deploy``, the bundle's ``inference.json``) instead of
+``train.json``. ``python scripts/analyze.py <analysis> --help`` documents each one.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import fire
+import nibabel as nib
+import numpy as np
 import torch
 from monai.transforms import ResizeWithPadOrCrop
 
@@ -36,8 +42,12 @@ from diffseg.analysis import (
 )
 from diffseg.bundles import bundle_imports, bundle_parser
 from diffseg.curves import curve_summary, plot_curves, read_curve
+from diffseg.data import cache_dir
+from diffseg.deploy import load_bundle, segment_folder
 from diffseg.ensembles import aggregate
+from diffseg.io import atomic_path
 from diffseg.metrics import reliability_data, seed_stability
+from diffseg.reports import region_disagreement
 
 
 def _load(bundle: str, configs: Sequence[str], ckpt: str | None, override: dict | None, weights: bool = True):
@@ -276,6 +286,102 @@ def ensemble(
     return summary
 
 
+def _shell_path(path: str) -> str:
+    """A path for a reproducible command line: a file of the demo data cache as ``$(python scripts/fetch_data.py
+    --path <name>)``, any other path as given."""
+    resolved, cache = Path(path).resolve(), cache_dir().resolve()
+    if resolved.is_relative_to(cache):
+        return f"$(python scripts/fetch_data.py --path {resolved.relative_to(cache).as_posix()})"
+    return path
+
+
+def qc_threshold(
+    bundle: str,
+    input: str | Sequence[str],  # noqa: A002 - the flag name of scripts/segment.py
+    samples: int = 3,
+    steps: int | None = None,
+    seed: int | None = None,
+    percentile: float = 95.0,
+    min_voxels: int = 50,
+    tile: int = 64,
+    write: bool = False,
+    output: str | None = None,
+    configs: Sequence[str] = ("inference.json",),
+    device: str = "cpu",
+    override: dict | None = None,
+) -> dict:
+    """The review flag's threshold of a bundle from its held-out evaluation case(s) ``input`` (files or folders,
+    comma-separated; e.g. TotalSegmentator patient B's DICOM series, or SegDiff's held-out strip).
+
+    The folder engine (``diffseg.deploy.load_bundle`` + ``segment_folder``, the bundle's inference defaults with
+    ``samples`` ensemble members, ``steps`` and ``seed`` when given) writes each case's label and uncertainty map;
+    from those files, the mean disagreement inside the predicted foreground is taken per axial slice with at least
+    ``min_voxels`` foreground voxels (3D) or per ``tile``² tile with foreground (2D), and the threshold is the
+    ``percentile`` of these values over all cases: a case whose average disagreement is as high as the worst 5 % of
+    the slices of a held-out case the model segments is worth a look. Prints the value and each case's ``qc``;
+    ``write`` stores ``"qc_threshold": {measure: value}`` and ``"qc_threshold_source"`` (command, data, samples,
+    date) in the bundle's ``configs/metadata.json`` (what ``load_bundle`` reads).
+
+    Args:
+        output: keep the segmentations in this folder (default: a temporary one).
+        configs, device, override: as for ``scripts/segment.py`` (``override``: config ids → values).
+    """
+    if samples < 2:
+        raise ValueError(f"samples={samples}: the ensemble disagreement needs at least 2 samples")
+    inputs = _names(input)
+    if "save_uncertainty" not in bundle_parser(Path(bundle), list(configs)).config:
+        raise ValueError(f"{Path(bundle).name} writes no uncertainty map (no save_uncertainty): it has no review flag")
+    model = load_bundle(bundle, device, steps, samples, seed, True, override, list(configs))
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(output or scratch)
+        manifest = segment_folder(model, inputs, out, ("nifti", "uncertainty"), progress=False)
+        regions, cases = [], []
+        for entry in manifest["cases"]:
+            if entry["status"] != "ok":
+                raise RuntimeError(f"case {entry['id']} {entry['status']}: {entry['error']}")
+            seg = nib.load(out / entry["id"] / "seg.nii.gz")
+            unc = np.asarray(nib.load(out / entry["id"] / "uncertainty.nii.gz").dataobj)
+            label = np.asarray(seg.dataobj)
+            found = region_disagreement(label, unc.reshape(label.shape), seg.affine, min_voxels, tile)
+            regions += [{"case": entry["id"], **r} for r in found]
+            cases.append({"case": entry["id"], "regions": len(found), **entry["qc"]})
+    if not regions:
+        raise ValueError(f"no slice or tile of {inputs} has enough predicted foreground for a threshold")
+    values = [r["disagreement"] for r in regions]
+    value = float(f"{np.percentile(values, percentile):.6g}")
+    measure = model.uncertainty_measure
+    kind = f"axial slices with >= {min_voxels} foreground voxels" if model.spatial_dims == 3 else f"{tile}² tiles"
+    spread = f"min {min(values):.4g}, median {np.median(values):.4g}, max {max(values):.4g}"
+    print(f"{model.name} {model.version}: qc_threshold {measure} = {value}")
+    print(f"  the {percentile:g}th percentile over {len(values)} {kind} ({spread})")
+    for case in cases:
+        review = case["disagreement"] > value
+        print(f"  case {case['case']}: qc disagreement {case['disagreement']} over {case['foreground_voxels']} "
+              f"foreground voxels ({case['regions']} regions) -> review {review}")  # fmt: skip
+    flags = [f"--samples {samples}"] + [f"--{k} {v}" for k, v in (("steps", steps), ("seed", seed)) if v is not None]
+    flags += [f"--percentile {percentile:g}"] if percentile != 95.0 else []
+    data = ",".join(_shell_path(i) for i in inputs)
+    command = f'python scripts/analyze.py qc-threshold --bundle bundles/{model.name} --input "{data}" {" ".join(flags)}'
+    source = (
+        f"{command} --write: the {percentile:g}th percentile of the mean ensemble {measure} inside the predicted "
+        f"foreground over {len(values)} {kind} of case(s) {', '.join(c['case'] for c in cases)} "
+        f"({model.settings.get('num_inference_steps')} steps, {samples} samples, seed {model.settings.get('seed')}, "
+        f"the bundle's models/ weights); {datetime.date.today().isoformat()}"
+    )
+    result = {"qc_threshold": {measure: value}, "qc_threshold_source": source, "regions": regions, "cases": cases}
+    if write:
+        path = model.root / "configs" / "metadata.json"
+        text = path.read_text()
+        meta = json.loads(text)
+        previous = meta.get("qc_threshold")
+        meta["qc_threshold"] = {**(previous if isinstance(previous, dict) else {}), measure: value}
+        meta["qc_threshold_source"] = source
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(meta, indent=4, ensure_ascii="\\u" in text) + "\n")
+        print(f"written to {path}")
+    return result
+
+
 def _names(value: str | Sequence[str]) -> list[str]:
     """Fire passes ``a,b`` as a string or a tuple."""
     return [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v) for v in value]
@@ -318,5 +424,6 @@ if __name__ == "__main__":
             "otsu": otsu,
             "ensemble": ensemble,
             "curves": curves,
+            "qc-threshold": qc_threshold,
         }
     )

@@ -3,7 +3,9 @@
 :func:`structure_statistics` measures every class of a label map in the input's geometry: voxel count, volume (ml;
 area in mm² for 2D images), mean and std of the input intensity inside the structure (as the reader returns it, i.e.
 HU for CT after the rescale slope/intercept) and, for diffusion bundles, the mean of the ensemble's uncertainty map
-inside it. :func:`review_flag` turns the ensemble's disagreement inside the predicted foreground into a review flag.
+inside it. :func:`review_flag` turns the ensemble's disagreement inside the predicted foreground into a review flag;
+:func:`region_disagreement` measures it per axial slice (3D) or tile (2D), from which ``scripts/analyze.py
+qc-threshold`` sets a bundle's ``qc_threshold``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["review_flag", "structure_statistics", "write_statistics_csv"]
+__all__ = ["axial_axis", "region_disagreement", "review_flag", "structure_statistics", "write_statistics_csv"]
 
 
 def _unit_size(affine: np.ndarray, spatial_dims: int) -> float:
@@ -92,6 +94,52 @@ def review_flag(
         "threshold": threshold,
         "review": review,
     }
+
+
+def axial_axis(affine: np.ndarray) -> int:
+    """The voxel axis of a (4, 4) voxel → mm affine that runs closest to the patient's head–foot (z) direction."""
+    columns = np.asarray(affine, np.float64)[:3, :3]
+    return int(np.argmax(np.abs(columns[2]) / np.linalg.norm(columns, axis=0)))
+
+
+def region_disagreement(
+    label: np.ndarray,
+    uncertainty: np.ndarray,
+    affine: np.ndarray | None = None,
+    min_voxels: int = 50,
+    tile: int = 64,
+) -> list[dict[str, Any]]:
+    """The mean of ``uncertainty`` (*S) inside the predicted foreground (``label`` (*S) > 0) per region: every axial
+    slice (:func:`axial_axis` of ``affine``; None: the last axis) with at least ``min_voxels`` foreground voxels for a
+    3D label, every ``tile`` × ``tile`` tile of a grid from pixel (0, 0) (edge tiles smaller) with foreground for a
+    2D one. Returns ``[{"region", "foreground_voxels", "disagreement"}]`` in slice / row-major tile order."""
+    label, uncertainty = np.asarray(label), np.asarray(uncertainty, np.float64)
+    if label.shape != uncertainty.shape:
+        raise ValueError(f"label {label.shape} and uncertainty {uncertainty.shape} grids differ")
+    regions: list[tuple[str, tuple[slice, ...]]] = []
+    if label.ndim == 3:
+        axis = 2 if affine is None else axial_axis(affine)
+        for k in range(label.shape[axis]):
+            index = [slice(None)] * 3
+            index[axis] = slice(k, k + 1)
+            regions.append((f"slice {k} of axis {axis}", tuple(index)))
+        least = min_voxels
+    elif label.ndim == 2:
+        for r in range(0, label.shape[0], tile):
+            for c in range(0, label.shape[1], tile):
+                regions.append((f"tile {r}:{r + tile}, {c}:{c + tile}", (slice(r, r + tile), slice(c, c + tile))))
+        least = 1
+    else:
+        raise ValueError(f"a 2D or 3D label is expected, got shape {label.shape}")
+    out = []
+    for name, index in regions:
+        inside = label[index] > 0
+        n = int(inside.sum())
+        if n >= least:
+            out.append(
+                {"region": name, "foreground_voxels": n, "disagreement": _rounded(uncertainty[index][inside].mean())}
+            )
+    return out
 
 
 def write_statistics_csv(path: str | os.PathLike[str], output: Path, cases: Sequence[Mapping[str, Any]]) -> None:

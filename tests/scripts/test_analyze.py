@@ -1,13 +1,16 @@
-"""scripts/analyze.py on a tiny recycling-DDPM bundle network and a tiny labelled volume."""
+"""scripts/analyze.py on a tiny recycling-DDPM bundle network and a tiny labelled volume; qc-threshold with the folder
+engine on two volumes, checked against the files it wrote."""
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import fire
+import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
@@ -137,3 +140,40 @@ def test_curves_draws_runs_and_reports_best_and_final(tmp_path, capsys):
         assert img.format == "PNG"
     with pytest.raises(ValueError, match="2 runs but 1 labels"):
         analyze.curves(paths, str(tmp_path / "x.png"), labels="one")
+
+
+def test_qc_threshold_is_the_95th_percentile_of_the_slices_in_the_written_files(tmp_path, tiny, capsys):
+    from diffseg.deploy import load_bundle
+
+    bundle = tmp_path / "bundle"  # a copy: --write edits its metadata.json
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "eval", "__pycache__"))
+    cases = {name: random_ct((40, 36, 12), seed) for seed, name in enumerate(("a", "b"))}
+    for name, array in cases.items():
+        write_nifti(tmp_path / "in" / f"{name}.nii.gz", array, np.diag([3.0, 3.0, 3.0, 1.0]))
+    inputs = ",".join(str(tmp_path / "in" / f"{n}.nii.gz") for n in cases)
+    out = tmp_path / "out"
+    result = analyze.qc_threshold(str(bundle), inputs, samples=3, write=True, output=str(out), override=tiny)
+    values = []
+    for name in cases:  # axial slices (axis 2 of these RAS files) with ≥ 50 predicted foreground voxels
+        label = np.asarray(nib.load(out / name / "seg.nii.gz").dataobj)
+        unc = np.asarray(nib.load(out / name / "uncertainty.nii.gz").dataobj)
+        values += [unc[..., k][label[..., k] > 0].mean() for k in range(12) if (label[..., k] > 0).sum() >= 50]
+    assert len(values) == len(result["regions"]) >= 10
+    value = result["qc_threshold"]["std"]
+    assert value == pytest.approx(np.percentile(values, 95), rel=1e-5) and min(values) < value <= max(values)
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["qc_threshold"] == {"std": value}
+    assert meta["qc_threshold_source"].startswith(
+        f'python scripts/analyze.py qc-threshold --bundle bundles/bundle --input "{inputs}" --samples 3 --write'
+    )
+    assert (
+        meta["network_data_format"]
+        == json.loads((BUNDLE / "configs" / "metadata.json").read_text())["network_data_format"]
+    )
+    assert load_bundle(bundle, overrides=tiny, samples=3, uncertainty=None).qc_threshold == value  # what the CLI uses
+    printed = capsys.readouterr().out
+    assert f"qc_threshold std = {value}" in printed and "case a: qc disagreement" in printed
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        analyze.qc_threshold(str(bundle), inputs, samples=1)
+    with pytest.raises(ValueError, match="no uncertainty map"):
+        analyze.qc_threshold(str(BUNDLES / "diffusion_probe_3d_segmentation"), inputs)
