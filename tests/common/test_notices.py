@@ -56,7 +56,7 @@ def test_make_demo_trusts_only_the_repositorys_own_bundle_configs():
         "    except Exception:\n"
         "        pass\n"
     )
-    done = subprocess.run([sys.executable, *flags, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, *flags, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=1800)
     notices = [x for x in done.stderr.splitlines() if "Only proceed if this config is from a source you trust" in x]
     assert len(notices) == 1 and notices[0].startswith("parsing config_file ['/elsewhere/"), done.stderr[-2000:]
 
@@ -76,3 +76,17 @@ def test_the_bundles_pass_orientation_labels_so_monai_has_nothing_to_say(bundle)
     for config in (BUNDLES / bundle / "configs").glob("*.json"):  # training configs too
         text = config.read_text()
         assert text.count('"Orientationd"') == text.count("\"labels\": \"$(('L', 'R'), ('P', 'A'), ('I', 'S'))\"")
+
+
+def test_the_tools_quiet_the_nvimgcodec_logger_unless_logging_is_configured():
+    plugin = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    saved = plugin.level
+    try:
+        plugin.setLevel(logging.NOTSET)
+        silence_notices()
+        assert plugin.level == logging.ERROR  # the folder CLI and analyze.py configure no logging
+        plugin.setLevel(logging.DEBUG)  # a user's (or a bundle's logging.conf) level
+        silence_notices()
+        assert plugin.level == logging.DEBUG
+    finally:
+        plugin.setLevel(saved)
