@@ -167,8 +167,8 @@ class WindowConsistentInferer(Inferer):
             ``mode`` (``"gaussian"`` or ``"constant"`` blending), ``sigma_scale``, ``padding_mode``,
             ``cache_condition`` (each window's image conditioning once per image, or at every step), ``progress``.
 
-    The segmenter's ``last_uncertainty`` and ``last_samples`` cover the whole image after the call. A ``MetaTensor`` input
-    gives a ``MetaTensor`` output with the input's metadata, as MONAI's ``SlidingWindowInferer`` does.
+    The segmenter's ``last_uncertainty`` and ``last_samples`` cover the whole image after the call. A ``MetaTensor``
+    input gives a ``MetaTensor`` output with the input's metadata, as MONAI's ``SlidingWindowInferer`` does.
     """
 
     def __init__(self, roi_size: Sequence[int] | int, size_divisible: int = 1, **window_args: Any) -> None:
