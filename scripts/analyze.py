@@ -225,9 +225,10 @@ def otsu(
     rows = []
     for index, (image, label) in enumerate(_items(dataset, limit)):
         channel = image[:, :1].numpy()
-        fg = torch.as_tensor(channel > threshold_otsu(channel)).float()
+        threshold = float(threshold_otsu(channel))
+        fg = torch.as_tensor(channel > threshold).float()
         scores = segmentation_scores(torch.cat([1 - fg, fg], 1), (label > 0).long())
-        rows.append({"item": index, "threshold": float(threshold_otsu(channel)), **scores})
+        rows.append({"item": index, "threshold": threshold, **scores})
     write_csv(rows, Path(output) / "otsu.csv")
     return {k: sum(r[k] for r in rows) / len(rows) for k in ("dice", "iou", "ece")}
 
@@ -259,7 +260,7 @@ def ensemble(
                 p = aggregate(segmenter.last_samples[:, :n], segmenter.aggregation)
                 rows.append({"seed": int(s), "samples": n, "item": index, **segmentation_scores(p, label, num_bins)})
                 if s == seeds[0]:
-                    pooled[n][0].append(p[:, 1:2].flatten(2) if p.shape[1] == 2 else (1 - p[:, :1]).flatten(2))
+                    pooled[n][0].append((1 - p[:, :1]).flatten(2))  # any foreground (binary: p[:, 1])
                     pooled[n][1].append((label > 0).long().flatten(2))
     out = Path(output)
     write_csv(rows, out / "ensemble.csv")
