@@ -4,7 +4,9 @@ MONAI Label 0.8.5's ``BundleInferTask`` re-parses ``displayable_configs`` per re
 at start-up and caches it, so a request's ``num_inference_steps`` / ``num_samples`` / ``seed`` (constructor arguments
 of the segmenter) would silently be ignored. :class:`DiffusionBundleInferTask` builds ``network_def`` from the
 request's configs, loads the plain ``models/model.pt`` state_dict into it (``torch.load(weights_only=True)``), and
-reports in the result JSON what the network actually ran with and how much its samples disagreed.
+reports in the result JSON what the network actually ran with and how much its samples disagreed. Its config parser
+also reads the bundle's ``metadata.json`` (as ``monai.bundle run`` does; 0.8.5's does not), so ``@_meta_#…``
+references of ``inference.json`` (the overlay's class names) resolve.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from monai.bundle import ConfigParser
 from monailabel.tasks.infer.bundle import BundleInferTask
 
 from diffseg.bundles import bundle_imports
@@ -163,6 +166,12 @@ class DiffusionBundleInferTask(BundleInferTask):
             self.path = [*self.path, finetuned]  # BasicInferTask.get_path: the last existing file wins
         self._config.pop("model_filename", None)  # other models/*.pt are parts (backbone, autoencoder), not choices
         self.sampling_defaults: dict[str, Any] = dict(getattr(self, "displayable_configs", None) or {})
+
+    def _load_bundle_config(self, path: str, config: str) -> ConfigParser:
+        """``BundleInferTask``'s parser plus the bundle's metadata under ``_meta_``."""
+        parser = super()._load_bundle_config(path, config)
+        parser.read_meta(os.path.join(path, "configs", self.const.metadata_json()))
+        return parser
 
     def pre_transforms(self, data: dict[str, Any] | None = None) -> list:
         if data is not None:
