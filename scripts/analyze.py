@@ -12,6 +12,7 @@ with the weights of ``--ckpt`` (default: the config's ``ckpt_path``).
     python scripts/analyze.py stability --bundle bundles/<name> --output <dir> [--seeds "[0,1,2]"]
     python scripts/analyze.py ensemble --bundle bundles/<name> --output <dir> [--samples "[1,3,9]"] [--seeds "[0,1,2]"]
     python scripts/analyze.py otsu --bundle bundles/<name> --output <dir>     # the threshold baseline
+    python scripts/analyze.py score --pred <seg.nii.gz> --label <reference> [--region 384:512] [--binary]
     python scripts/analyze.py curves --runs a/curve.csv,b/curve.csv --labels diffusion,feed-forward --output x.png
     python scripts/analyze.py qc-threshold --bundle bundles/<name> --input <held-out case(s)> [--samples 3] [--write]
 
@@ -233,6 +234,33 @@ def otsu(
     return {k: sum(r[k] for r in rows) / len(rows) for k in ("dice", "iou", "ece")}
 
 
+def score(pred: str, label: str, region: str | None = None, binary: bool = False) -> dict:
+    """Dice and IoU per class of a written label file ``pred`` (e.g. what ``make demo`` wrote) against a reference
+    label file ``label`` of the same grid, both read with MONAI's ``LoadImage`` (so PNG / TIFF arrays are (x, y) in
+    both). ``region``: comma-separated ``start:stop`` numpy slices of those arrays scored alone (SegDiff's held-out
+    quarter of the 512² stardist image: ``384:512``); ``binary``: foreground = label > 0 in both (instance masks).
+    Prints and returns {class: {"dice", "iou", "voxels"}} for every class > 0 in either file."""
+    from monai.transforms import LoadImage
+
+    load = LoadImage(image_only=True)
+    p, r = (np.asarray(load(f)).squeeze() for f in (pred, label))
+    if p.shape != r.shape:
+        raise ValueError(f"{pred} has shape {p.shape} but {label} has {r.shape}: score labels of the same grid")
+    if region:
+        window = tuple(slice(*(int(v) if v else None for v in part.split(":"))) for part in region.split(","))
+        p, r = p[window], r[window]
+    if binary:
+        p, r = p > 0, r > 0
+    out = {}
+    for c in sorted({int(v) for v in np.unique(np.concatenate([np.unique(p), np.unique(r)]))} - {0}):
+        a, b = p == c, r == c
+        union = int((a | b).sum())
+        inter = int((a & b).sum())
+        out[c] = {"dice": float(2 * inter / (a.sum() + b.sum())), "iou": inter / union, "voxels": int(b.sum())}
+        print(f"class {c}: Dice {out[c]['dice']:.4f}  IoU {out[c]['iou']:.4f}  reference voxels {out[c]['voxels']}")
+    return out
+
+
 def ensemble(
     bundle: str,
     output: str,
@@ -423,6 +451,7 @@ if __name__ == "__main__":
             "compare": compare,
             "stability": stability,
             "otsu": otsu,
+            "score": score,
             "ensemble": ensemble,
             "curves": curves,
             "qc-threshold": qc_threshold,

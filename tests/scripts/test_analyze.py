@@ -114,6 +114,24 @@ def test_otsu_baseline_finds_the_bright_box_and_its_ece_is_the_error_rate(setup,
     assert error > 0 and result["ece"] == pytest.approx(error, abs=1e-6)  # a {0, 1} map: as overconfident as wrong
 
 
+def test_score_counts_dice_per_class_of_a_png_region_and_of_binarised_instances(tmp_path, capsys):
+    ref = np.zeros((20, 30), np.uint8)
+    ref[2:6, 2:6], ref[10:14, 20:28] = 1, 2  # two instances / classes, the second in columns 20-27
+    pred = ref.copy()
+    pred[10:14, 20:24] = 0  # half of the second one missed
+    Image.fromarray(ref).save(tmp_path / "ref.png")
+    write_nifti(tmp_path / "pred.nii.gz", pred.T, np.eye(4))  # PNG readers store (x, y): a written label is (x, y)
+    out = analyze.score(str(tmp_path / "pred.nii.gz"), str(tmp_path / "ref.png"))
+    assert out[1] == {"dice": 1.0, "iou": 1.0, "voxels": 16}
+    assert out[2]["dice"] == pytest.approx(2 * 16 / (16 + 32)) and out[2]["iou"] == pytest.approx(0.5)
+    assert "class 2: Dice 0.6667  IoU 0.5000  reference voxels 32" in capsys.readouterr().out
+    right = analyze.score(str(tmp_path / "pred.nii.gz"), str(tmp_path / "ref.png"), region="20:30", binary=True)
+    assert list(right) == [1] and right[1]["voxels"] == 32 and right[1]["dice"] == pytest.approx(2 / 3)
+    write_nifti(tmp_path / "small.nii.gz", pred[:10].T, np.eye(4))
+    with pytest.raises(ValueError, match=r"shape \(30, 10\) but .*ref.png has \(30, 20\)"):
+        analyze.score(str(tmp_path / "small.nii.gz"), str(tmp_path / "ref.png"))
+
+
 def test_help_documents_each_analysis():
     for name in ("fingerprint", "calibration", "compare", "stability", "ensemble", "otsu"):
         text = fire.helptext.HelpText(getattr(analyze, name), trace=fire.trace.FireTrace(None, name=name))
