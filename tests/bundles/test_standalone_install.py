@@ -211,15 +211,14 @@ def test_segdiff_bundle_segments_real_nuclei_in_a_fresh_environment(venv, wheel,
     images.mkdir()
     Image.fromarray(image.astype(np.uint8)).save(images / "nuclei.png")
     few = ["--displayable_configs#num_inference_steps", "20", "--displayable_configs#num_samples", "2"]
-    run_inference(venv, root, images, tmp_path / "out", "--roi_size", "[128,128]", *few)
+    run_inference(venv, root, images, tmp_path / "out", *few)
 
     seg = np.asarray(nib.load(tmp_path / "out" / "nuclei_seg.nii.gz").dataobj).squeeze()
     std = np.asarray(nib.load(tmp_path / "out" / "nuclei_uncertainty.nii.gz").dataobj).squeeze()
     seg, std = (seg.T, std.T) if seg.shape != mask.shape else (seg, std)  # PNG readers store (x, y)
     assert seg.shape == std.shape == mask.shape and set(np.unique(seg).tolist()) <= {0, 1}
     assert np.isfinite(std).all() and std.min() >= 0 and std.max() > 0  # two samples disagree somewhere
-    # the CPU-sized demo weights are weak (model card: Dice 0.42, N = 1, T = 100): they must beat the all-foreground
-    # mask, i.e. carry image information
-    all_foreground = 2 * mask.sum() / (mask.size + mask.sum())
-    assert dice(seg.astype(bool), mask) > all_foreground + 0.05
+    # the demo weights segment (model card: 0.854 on the whole held-out quarter with N = 9, T = 100); this 160×128
+    # corner of it with N = 2, 20 steps measured 0.77 (the all-foreground mask: 0.3)
+    assert dice(seg.astype(bool), mask) > 0.7
     verify(venv, root, "--displayable_configs#num_samples", "1", "--displayable_configs#num_inference_steps", "5")
