@@ -38,6 +38,7 @@ __all__ = [
     "check_net_in_out",
     "check_resumable_training",
     "bad_volume_cases",
+    "dice",
     "bad_volume_folder",
     "error_text",
     "infer_images",
@@ -213,6 +214,12 @@ def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray | None =
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(np.asarray(array), np.diag([1.5, 1.5, 1.5, 1.0]) if affine is None else affine), path)
     return path
+
+
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Dice of two masks (non-zero = foreground); 0 when both are empty."""
+    pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
+    return float(2 * (pred & ref).sum() / max(pred.sum() + ref.sum(), 1))
 
 
 def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

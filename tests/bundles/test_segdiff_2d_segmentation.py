@@ -24,6 +24,7 @@ from bundle_testing import (
     check_metadata,
     check_net_in_out,
     check_resumable_training,
+    dice,
     load_config,
     read_nifti,
     run_bundle,
@@ -440,11 +441,6 @@ def test_tiles_have_no_seams_for_a_per_pixel_network(pointwise_denoiser, overlap
 OTSU_QUARTER = 0.846  # held-out quarter, skimage's Otsu threshold of the whole image (of the quarter itself: 0.855)
 
 
-def _dice(seg: np.ndarray, mask: np.ndarray) -> float:
-    seg = seg.astype(bool)
-    return float(2 * (seg & mask).sum() / (seg.sum() + mask.sum()))
-
-
 @pytest.mark.slow
 @pytest.mark.data
 @pytest.mark.xfail(
@@ -462,7 +458,7 @@ def test_shipped_weights_beat_otsu_on_the_held_out_quarter(tmp_path):
     run_bundle(BUNDLE, ("inference.json",), dataset_dir=str(folder), output_dir=str(tmp_path / "out"))
     seg, _ = read_nifti(tmp_path / "out" / "heldout_seg.nii.gz")
     assert seg.shape == (128, 512)  # PNG readers store (x, y)
-    assert _dice(seg.T, mask) >= 0.86 > OTSU_QUARTER
+    assert dice(seg.T, mask) >= 0.86 > OTSU_QUARTER
 
 
 @pytest.mark.slow
@@ -476,7 +472,7 @@ def test_make_demo_config_segments_the_held_out_quarter(tmp_path):
     (path,) = (tmp_path / "out").glob("*_seg.nii.gz")
     seg, _ = read_nifti(path)
     assert seg.shape == (512, 512)
-    assert _dice(seg.T[:, 384:], mask[:, 384:]) >= 0.84
+    assert dice(seg.T[:, 384:], mask[:, 384:]) >= 0.84
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
-from bundle_testing import BUNDLES, REPO, SCHEMA
+from bundle_testing import BUNDLES, REPO, SCHEMA, dice
 from PIL import Image
 
 from diffseg.data import data_path, totalseg_class_map
@@ -156,11 +156,6 @@ def verify(venv: Venv, root: Path, *overrides: str) -> None:
     args = ["-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file", meta]
     args += ["--config_file", root / "configs" / "inference.json", "--device", "cpu", *overrides]
     venv.run(f"{root.name}:verify_net_in_out", args, cwd=root.parent, pythonpath=root)  # as the model card says
-
-
-def dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    """Dice of two boolean masks."""
-    return float(2 * (pred & ref).sum() / (pred.sum() + ref.sum()))
 
 
 @pytest.mark.parametrize("name", sorted(p.parents[1].name for p in BUNDLES.glob("*/configs/metadata.json")))

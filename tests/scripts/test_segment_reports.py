@@ -22,7 +22,7 @@ sys.path[:0] = [
     str(Path(__file__).resolve().parents[1] / "bundles"),
     str(Path(__file__).resolve().parents[1] / "common"),
 ]
-from bundle_testing import BUNDLES, write_nifti  # noqa: E402
+from bundle_testing import BUNDLES, dice, write_nifti  # noqa: E402
 from dicom_testing import dciodvfy_errors, rtstruct_masks, write_ct_series  # noqa: E402
 
 from diffseg.deploy import load_bundle, segment_folder  # noqa: E402
@@ -93,10 +93,6 @@ def _sources(case: str, tmp_path: Path) -> Path:
         for name in files:
             shutil.copy(NIBABEL_DICOM / name, folder / name)
     return folder
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
 
 
 @pytest.mark.parametrize(
