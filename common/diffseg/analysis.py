@@ -46,14 +46,22 @@ def one_call_x0(
     segmenter: DiffusionSegmenter, x_t: torch.Tensor, timesteps: torch.Tensor, features: object
 ) -> torch.Tensor:
     """x̂0 in mask space (B, C, *S), clipped to [−1, 1], from ONE denoiser call at ``timesteps`` (B,)."""
+    return _one_call(segmenter, x_t, timesteps, features)[1]
+
+
+def _one_call(
+    segmenter: DiffusionSegmenter, x_t: torch.Tensor, timesteps: torch.Tensor, features: object
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One denoiser call → (ε̂ implied in the chain's space, like x_t; clipped x̂0 in mask space (B, C, *S))."""
     out = segmenter.denoiser.denoise(x_t, timesteps, features)
     if segmenter.logits_output:
         x0 = segmenter.codec.logits_to_x(out)
     else:
         x0 = segmenter.scheduler.predict_x0(out, timesteps, x_t)
+    eps = segmenter.scheduler.predict_epsilon(x0, timesteps, x_t)
     if segmenter.latent_decoder is not None:
         x0 = segmenter.latent_decoder(x0)
-    return x0.clamp(-1, 1)
+    return eps, x0.clamp(-1, 1)
 
 
 @torch.no_grad()
@@ -67,13 +75,17 @@ def mask_error_curve(
 ) -> list[dict[str, float]]:
     """Mean one-call x̂0 error per timestep over ``pairs`` of (image (1, C_img, *S), label (1, 1, *S)).
 
-    Returns one row per t: ``{"t", "mse", "dice"}`` — MSE between x̂0 and the encoded label in {−1, +1}, and the
-    foreground Dice of the decoded x̂0's argmax (mean over foreground classes present in either map).
+    Returns one row per t: ``{"t", "mse", "dice", "noise_slope"}`` — MSE between x̂0 and the encoded label in
+    {−1, +1}, the foreground Dice of the decoded x̂0's argmax (mean over foreground classes present in either map),
+    and the least-squares slope of the ε̂ implied by the call on the drawn noise ε, ⟨ε̂, ε⟩ / ⟨ε, ε⟩. A denoiser that
+    reads x_t has a slope near 1 (an x0-predictor has it by construction); an ε-predictor that ignores x_t has 0,
+    and its x̂0 at large t is the image's guess plus the amplified noise √(1−ᾱ)/√ᾱ·ε.
     ``unconditioned``: the image is replaced by standard normal noise of its shape (paper 001, E3).
     """
     generator = torch.Generator().manual_seed(seed)
     codec, scheduler = segmenter.codec, segmenter.scheduler
     sums = {int(t): [0.0, 0.0, 0] for t in timesteps}
+    overlap = {int(t): [0.0, 0.0] for t in timesteps}  # Σ⟨ε̂, ε⟩, Σ⟨ε, ε⟩
     for image, label in pairs:
         image, label = torch.as_tensor(image).float(), torch.as_tensor(label)
         if unconditioned:
@@ -86,7 +98,9 @@ def mask_error_curve(
             steps = torch.full((image.shape[0],), int(t), dtype=torch.long)
             for _ in range(draws):
                 noise = torch.randn(z0.shape, generator=generator)
-                x0_hat = one_call_x0(segmenter, scheduler.add_noise(z0, noise, steps), steps, features)
+                eps_hat, x0_hat = _one_call(segmenter, scheduler.add_noise(z0, noise, steps), steps, features)
+                overlap[int(t)][0] += float((eps_hat * noise).sum())
+                overlap[int(t)][1] += float((noise * noise).sum())
                 pred = codec.decode(x0_hat).argmax(1, keepdim=True)
                 dice = dice_per_class(pred, gt, codec.num_classes)
                 row = sums[int(t)]
@@ -95,7 +109,10 @@ def mask_error_curve(
                 row[2] += 1
     if not any(n for *_, n in sums.values()):
         raise ValueError("mask_error_curve got no (image, label) pairs")
-    return [{"t": t, "mse": m / n, "dice": d / n} for t, (m, d, n) in sums.items()]
+    return [
+        {"t": t, "mse": m / n, "dice": d / n, "noise_slope": overlap[t][0] / overlap[t][1]}
+        for t, (m, d, n) in sums.items()
+    ]
 
 
 def segmentation_scores(probs: torch.Tensor, label: torch.Tensor, num_bins: int = 10) -> dict[str, float]:
@@ -141,15 +158,21 @@ def _save(plt, fig, path: str | Path) -> Path:
 
 
 def save_curve_plot(curves: dict[str, Sequence[dict[str, float]]], path: str | Path, title: str = "") -> Path:
-    """MSE and Dice vs t for several named curves (e.g. conditioned / unconditioned) as one PNG."""
+    """MSE and Dice vs t (and the noise slope, where the rows have it) for several named curves (e.g. conditioned /
+    unconditioned) as one PNG."""
     plt = _figure()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    keys = [("mse", "MSE of one-call x̂0 ({−1,+1})", None), ("dice", "Dice of one-call x̂0", (0, 1))]
+    if all("noise_slope" in r for rows in curves.values() for r in rows):
+        keys.append(("noise_slope", "slope of implied ε̂ on ε (reads x_t: ≈1)", None))
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5))
     for name, rows in curves.items():
         ts = [r["t"] for r in rows]
-        axes[0].plot(ts, [r["mse"] for r in rows], marker="o", label=name)
-        axes[1].plot(ts, [r["dice"] for r in rows], marker="o", label=name)
-    axes[0].set(xlabel="timestep t", ylabel="MSE of one-call x̂0 ({−1,+1})")
-    axes[1].set(xlabel="timestep t", ylabel="Dice of one-call x̂0", ylim=(0, 1))
+        for ax, (key, _, _) in zip(axes, keys, strict=True):
+            ax.plot(ts, [r[key] for r in rows], marker="o", label=name)
+    for ax, (_, label, ylim) in zip(axes, keys, strict=True):
+        ax.set(xlabel="timestep t", ylabel=label)
+        if ylim:
+            ax.set_ylim(*ylim)
     axes[1].legend()
     fig.suptitle(title)
     return _save(plt, fig, path)

@@ -27,18 +27,28 @@ class ForegroundDiceLoss(DiceLoss):
         # smooth_dr only guards 0/0 on empty predictions of absent classes; present classes have Σy ≥ 1
         super().__init__(include_background=False, reduction="none", smooth_nr=0.0, smooth_dr=smooth_dr)
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # noqa: A002 (MONAI's name)
+    def forward(  # noqa: A002 (MONAI's name)
+        self, input: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``weights`` (B,): per-sample factors on the (sample, class) terms before the mean over present pairs."""
         per_class = super().forward(input, target).flatten(2).mean(-1)  # (B, C-1)
         present = target[:, 1:].flatten(2).sum(-1) > 0  # (B, C-1)
         if not bool(present.any()):
             return per_class.sum() * 0.0
+        if weights is not None:
+            per_class = per_class * weights[:, None]
         return per_class[present].mean()
 
 
-def cross_entropy_from_probs(probs: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+def cross_entropy_from_probs(
+    probs: torch.Tensor, onehot: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean over voxels of ``-log p_y``; probabilities and one-hot targets (B, C, *S). Equals ``F.cross_entropy``
-    on logits whose softmax is ``probs`` (up to the EPS floor)."""
-    return F.nll_loss(torch.log(probs.clamp_min(EPS)), onehot.argmax(dim=1))
+    on logits whose softmax is ``probs`` (up to the EPS floor). ``weights`` (B,): per-sample factors."""
+    if weights is None:
+        return F.nll_loss(torch.log(probs.clamp_min(EPS)), onehot.argmax(dim=1))
+    per_voxel = F.nll_loss(torch.log(probs.clamp_min(EPS)), onehot.argmax(dim=1), reduction="none")
+    return (per_voxel.flatten(1).mean(1) * weights).mean()
 
 
 class DiffusionSegLoss(nn.Module):
@@ -56,6 +66,9 @@ class DiffusionSegLoss(nn.Module):
         dice_weight, ce_weight, mse_weight: term weights (paper 000: 1, 1, and 0.1 for ε-prediction only).
         mse_reduction: ``"mean"`` over all elements, or ``"sum"`` per sample then mean over the batch (SegDiff's
             ``terms["sum"]``).
+        x0_snr_gamma: Min-SNR-γ weighting (Hang et al. 2023) of the Dice and CE terms of an ε/v-predictor: each
+            sample's x̂0 terms are scaled by min(SNR_t, γ)/γ, SNR_t = ᾱ_t/(1 − ᾱ_t). Where SNR is low, x̂0 =
+            (x_t − √(1−ᾱ)·ε̂)/√ᾱ amplifies every error of ε̂ and its Dice/CE reward an ε̂ that ignores x_t; null = off.
 
     ``forward(pred, target)``: ``pred`` (B, C_out, *S); ``target`` the mapping made by
     :class:`diffseg.training.DiffusionSegPrepareBatch` with ``label`` (one-hot), ``x0``, ``noise``, ``x_t`` and
@@ -71,8 +84,12 @@ class DiffusionSegLoss(nn.Module):
         ce_weight: float = 1.0,
         mse_weight: float = 0.0,
         mse_reduction: str = "mean",
+        x0_snr_gamma: float | None = None,
     ) -> None:
         super().__init__()
+        if x0_snr_gamma is not None and (logits_output or x0_snr_gamma <= 0):
+            raise ValueError(f"x0_snr_gamma={x0_snr_gamma} needs a positive γ and an ε/v-predictor (not logits_output)")
+        self.x0_snr_gamma = x0_snr_gamma
         if scheduler is None and not logits_output:
             raise ValueError("a scheduler is required when the network does not output mask logits")
         if mse_weight and logits_output:
@@ -92,6 +109,11 @@ class DiffusionSegLoss(nn.Module):
         x0 = self.scheduler.predict_x0(pred, target["timesteps"], target["x_t"])
         return self.codec.decode(x0)
 
+    def snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """(B,) Min-SNR-γ factors min(SNR_t, γ)/γ of the x̂0 terms."""
+        acp = self.scheduler.alphas_cumprod64.to(timesteps.device)[timesteps]
+        return (acp / (1 - acp)).clamp(max=self.x0_snr_gamma) / self.x0_snr_gamma
+
     def regression_target(self, target: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if self.scheduler.prediction_type == PredictionType.EPSILON:
             return target["noise"]
@@ -104,10 +126,11 @@ class DiffusionSegLoss(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         if self.dice_weight or self.ce_weight:
             probs = self.probabilities(pred, target)
+            weights = self.snr_weights(target["timesteps"]).to(probs) if self.x0_snr_gamma else None
             if self.dice_weight:
-                terms["dice"] = self.dice(probs, target["label"])
+                terms["dice"] = self.dice(probs, target["label"], weights)
             if self.ce_weight:
-                terms["ce"] = cross_entropy_from_probs(probs, target["label"])
+                terms["ce"] = cross_entropy_from_probs(probs, target["label"], weights)
         if self.mse_weight:
             sq = (pred - self.regression_target(target)) ** 2
             terms["mse"] = sq.mean() if self.mse_reduction == "mean" else sq.flatten(1).sum(1).mean()

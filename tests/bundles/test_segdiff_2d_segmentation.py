@@ -304,7 +304,9 @@ def test_feedforward_twin_trains_the_same_network_on_noise_then_evaluates(tmp_pa
         ff = parser.get_parsed_content("denoiser_def")
         seg = parser.get_parsed_content("network_def")
     assert type(ff) is type(diffusion)
-    assert [p.shape for p in ff.parameters()] == [p.shape for p in diffusion.parameters()]
+    # the diffusion network plus nothing but G(I)'s GroupNorm (condition_norm; the twin's x_t is pure noise)
+    normed = {n.replace("image_encoder.0.", "image_encoder."): p.shape for n, p in diffusion.named_parameters()}
+    assert [p.shape for p in ff.parameters()] == [v for n, v in normed.items() if not n.startswith("image_encoder.1.")]
     assert loss.dice_weight == 1 and loss.ce_weight == 1 and loss.mse_weight == 0 and loss.logits_output
     assert seg.num_inference_steps == 1 and seg.num_samples == 1 and seg.scheduler.prediction_type == "sample"
     image, mask = blobs((16, 16))
@@ -359,6 +361,22 @@ def test_x_t_enters_only_through_f():
         net.mask_encoder.conv.bias.zero_()
         torch.testing.assert_close(net(x1, t, image), net(x2, t, image), rtol=0, atol=0)
         assert not torch.allclose(net(x1, t, image), net(x1, t, image + 1))  # still depends on I
+
+
+def test_condition_norm_keeps_g_at_unit_scale_so_x_t_stays_visible():
+    """G has no normalisation: scaled-up weights scale G(I) (the 0.3.x weights had G(I) rms 1.3e5 vs F(x_t) 0.6,
+    and their ε̂ no longer depended on x_t). condition_norm GroupNorms G(I), whatever G's scale."""
+    image = torch.rand(2, 1, 16, 16)
+    plain, normed = tiny_denoiser(), tiny_denoiser(condition_norm=True)
+    assert isinstance(normed.image_encoder[1], torch.nn.GroupNorm) and normed.image_encoder[1].num_groups == 4
+    normed.image_encoder[0].load_state_dict(plain.image_encoder.state_dict())
+    with torch.no_grad():
+        plain.image_encoder.conv_last.weight.mul_(1e4)
+        normed.image_encoder[0].conv_last.weight.mul_(1e4)
+        assert float(plain.encode_condition(image).pow(2).mean().sqrt()) > 100
+        g = normed.encode_condition(image)
+    assert float(g.pow(2).mean().sqrt()) == pytest.approx(1.0, abs=0.01)
+    assert tuple(g.shape) == (2, 8, 16, 16)
 
 
 def test_cached_g_gives_the_same_samples_as_recomputing_it():
@@ -457,6 +475,32 @@ def test_shipped_feedforward_twin_segments_the_held_out_quarter(tmp_path):
     """The twin (models/model_feedforward.pt, one call through inference_feedforward.json) on the quarter: the card's
     0.949 (floor 0.94), far above Otsu."""
     assert _heldout_quarter_dice(tmp_path, ("inference.json", "inference_feedforward.json")) >= 0.94
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_shipped_denoiser_reads_x_t_on_the_held_out_quarter():
+    """Guard against the 0.3.x collapse (ε̂ independent of x_t, noise slope 0.00): the implied ε̂ of the shipped
+    weights follows the drawn noise (paper-001 fingerprint's noise_slope ≥ 0.5 from t = 33 on) on 64² crops of the
+    held-out quarter, and its one-call x̂0 at t = 55 beats the 0.3.x weights' 0.80."""
+    from diffseg.analysis import mask_error_curve
+    from diffseg.data import data_path
+
+    image = tifffile.imread(data_path("stardist/img2d.tif"))[:, 384:448].astype(np.float32)
+    mask = tifffile.imread(data_path("stardist/mask2d.tif"))[:, 384:448] > 0
+    parser = load_config(BUNDLE)
+    with bundle_imports(BUNDLE):
+        segmenter = parser.get_parsed_content("network_def").eval()
+        segmenter.load_state_dict(torch.load(parser.get_parsed_content("ckpt_path"), weights_only=True))
+    mean, std = parser.get_parsed_content("image_mean")[0], parser.get_parsed_content("image_std")[0]
+    pairs = [
+        (torch.from_numpy((image[r : r + 64] - mean) / std)[None, None], torch.from_numpy(mask[r : r + 64])[None, None])
+        for r in range(0, 512, 128)
+    ]
+    with torch.no_grad():
+        rows = {r["t"]: r for r in mask_error_curve(segmenter, pairs, [33, 55, 77, 99], draws=2)}
+    assert all(r["noise_slope"] >= 0.5 for r in rows.values()), rows
+    assert rows[55]["dice"] > 0.80, rows
 
 
 def _heldout_quarter_dice(tmp_path: Path, configs: tuple[str, ...]) -> float:

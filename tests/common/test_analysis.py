@@ -63,6 +63,26 @@ def test_a_perfect_conditioned_predictor_has_zero_error_at_every_t_and_loses_it_
     assert all(r["mse"] > 0.3 and r["dice"] < 0.9 for r in blind)
 
 
+class ImageOnlyEpsilon(ConditionalDenoiser):
+    """An ε-predictor that ignores x_t (the collapse of SegDiff 0.3.x): ε̂ = −image/2."""
+
+    def encode_condition(self, image: torch.Tensor) -> torch.Tensor:
+        return image
+
+    def denoise(self, x_t: torch.Tensor, timesteps: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return -features / 2
+
+
+def test_the_noise_slope_tells_a_denoiser_that_reads_x_t_from_one_that_ignores_it():
+    codec = BinaryCodec(1)
+    reads = mask_error_curve(segmenter(Oracle(), codec), pairs(codec), [10, 30, 49], draws=2)
+    assert all(r["noise_slope"] == pytest.approx(1.0, abs=1e-4) for r in reads)  # x0-prediction: ε̂ = ε exactly
+    blind = DiffusionSegmenter(ImageOnlyEpsilon(), DDPMSampler(50, "linear_beta_f64"), codec)
+    rows = mask_error_curve(blind, pairs(codec), [10, 30, 49], draws=8)
+    assert all(abs(r["noise_slope"]) < 0.1 for r in rows)
+    assert rows[-1]["dice"] < rows[0]["dice"]  # its x̂0 is swamped by √(1−ᾱ)/√ᾱ·ε at large t
+
+
 def test_an_image_blind_x_t_copier_degrades_with_t():
     codec = OneHotCodec(3)
     label = torch.zeros(1, 1, 16, 16, dtype=torch.long)

@@ -85,3 +85,32 @@ def test_loss_config_errors():
         DiffusionSegLoss(OneHotCodec(2), logits_output=False)
     with pytest.raises(ValueError, match="mse_reduction='max'"):
         DiffusionSegLoss(OneHotCodec(2), DDPMSampler(5), False, mse_reduction="max")
+    with pytest.raises(ValueError, match="x0_snr_gamma=1.0 needs"):
+        DiffusionSegLoss(OneHotCodec(2), DDPMSampler(5), True, x0_snr_gamma=1.0)
+    with pytest.raises(ValueError, match="x0_snr_gamma=0 needs"):
+        DiffusionSegLoss(OneHotCodec(2), DDPMSampler(5), False, x0_snr_gamma=0)
+
+
+def test_min_snr_gamma_scales_each_samples_x0_terms_by_min_snr_over_gamma():
+    """Two samples at t = 10 (SNR > γ: factor 1) and t = 80 (SNR ≪ γ: factor SNR/γ); the MSE term is untouched."""
+    codec = BinaryCodec(1)
+    sched = DDPMSampler(100, "improved_linear_beta")
+    label = torch.zeros(2, 1, 8, 8, dtype=torch.long)
+    label[..., 2:6, 2:6] = 1
+    t = torch.tensor([10, 80])
+    target = _target(codec, sched, label, t)
+    eps_hat = target["noise"] + 0.3 * torch.randn_like(target["noise"])
+    acp = sched.alphas_cumprod64[t]
+    snr = acp / (1 - acp)
+    assert float(snr[0]) > 1 > 1e-2 > float(snr[1])
+    factors = DiffusionSegLoss(codec, sched, False, x0_snr_gamma=1.0).snr_weights(t)
+    torch.testing.assert_close(factors, torch.stack([torch.tensor(1.0, dtype=acp.dtype), snr[1]]))
+    weighted = DiffusionSegLoss(codec, sched, False, mse_weight=0.5, x0_snr_gamma=1.0)
+    plain = DiffusionSegLoss(codec, sched, False, mse_weight=0.5)
+    for i in range(2):  # one sample at a time: weighted = factor · (Dice + CE) + MSE
+        one = {k: v[i : i + 1] for k, v in target.items()}
+        plain(eps_hat[i : i + 1], one)
+        expected = (
+            float(factors[i]) * (plain.last_terms["dice"] + plain.last_terms["ce"]) + 0.5 * plain.last_terms["mse"]
+        )
+        assert weighted(eps_hat[i : i + 1], one).item() == pytest.approx(expected, rel=1e-5)

@@ -135,6 +135,9 @@ class SegDiffDenoiser(ConditionalDenoiser):
         num_head_channels: channels per attention head.
         norm_num_groups: GroupNorm groups (paper 32).
         rrdb_blocks, rrdb_features, rrdb_growth: G's ``nb``, ``nf``, ``gc`` (paper 12, 64, 32).
+        condition_norm: GroupNorm (``norm_num_groups``) on G(I) before the sum (not in the paper). G has no
+            normalisation and the first ResBlock normalises F(x_t) + G(I) as one, so G's scale is free to grow; when it
+            outgrows F(x_t) the denoiser stops seeing x_t. This keeps G(I) at unit scale.
     """
 
     def __init__(
@@ -150,11 +153,13 @@ class SegDiffDenoiser(ConditionalDenoiser):
         rrdb_blocks: int = 12,
         rrdb_features: int = 64,
         rrdb_growth: int = 32,
+        condition_norm: bool = False,
     ) -> None:
         super().__init__()
-        self.image_encoder = RRDBEncoder(
-            spatial_dims, image_channels, channels[0], rrdb_features, rrdb_growth, rrdb_blocks
-        )  # G
+        encoder = RRDBEncoder(spatial_dims, image_channels, channels[0], rrdb_features, rrdb_growth, rrdb_blocks)
+        if condition_norm:
+            encoder = nn.Sequential(encoder, nn.GroupNorm(norm_num_groups, channels[0]))
+        self.image_encoder = encoder  # G
         self.unet = SegDiffUNet(
             spatial_dims=spatial_dims,
             in_channels=mask_channels,
