@@ -479,6 +479,7 @@ def test_shipped_feedforward_twin_segments_the_held_out_quarter(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.data
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 17 open: the 0.3.x weights ignore x_t (card)")
 def test_shipped_denoiser_reads_x_t_on_the_held_out_quarter():
     """Guard against the 0.3.x collapse (ε̂ independent of x_t, noise slope 0.00): the implied ε̂ of the shipped
     weights follows the drawn noise (paper-001 fingerprint's noise_slope ≥ 0.5 from t = 33 on) on 64² crops of the
