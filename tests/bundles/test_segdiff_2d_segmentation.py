@@ -461,9 +461,6 @@ OTSU_QUARTER = 0.846  # held-out quarter, skimage's Otsu threshold of the whole 
 
 @pytest.mark.slow
 @pytest.mark.data
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="issue 17 open: the 100-minute weights reach 0.854 (card), floor 0.86"
-)
 def test_shipped_weights_beat_otsu_on_the_held_out_quarter(tmp_path):
     """inference.json defaults (N = 9, 100 steps, 64² windows) on columns 384–511, never trained on: Dice ≥ 0.86."""
     assert _heldout_quarter_dice(tmp_path, ("inference.json",)) >= 0.86 > OTSU_QUARTER
@@ -479,7 +476,6 @@ def test_shipped_feedforward_twin_segments_the_held_out_quarter(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.data
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 17 open: the 0.3.x weights ignore x_t (card)")
 def test_shipped_denoiser_reads_x_t_on_the_held_out_quarter():
     """Guard against the 0.3.x collapse (ε̂ independent of x_t, noise slope 0.00): the implied ε̂ of the shipped
     weights follows the drawn noise (paper-001 fingerprint's noise_slope ≥ 0.5 from t = 33 on) on 64² crops of the
