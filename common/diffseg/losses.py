@@ -45,10 +45,8 @@ def cross_entropy_from_probs(
 ) -> torch.Tensor:
     """Mean over voxels of ``-log p_y``; probabilities and one-hot targets (B, C, *S). Equals ``F.cross_entropy``
     on logits whose softmax is ``probs`` (up to the EPS floor). ``weights`` (B,): per-sample factors."""
-    if weights is None:
-        return F.nll_loss(torch.log(probs.clamp_min(EPS)), onehot.argmax(dim=1))
-    per_voxel = F.nll_loss(torch.log(probs.clamp_min(EPS)), onehot.argmax(dim=1), reduction="none")
-    return (per_voxel.flatten(1).mean(1) * weights).mean()
+    per_sample = F.nll_loss(torch.log(probs.clamp_min(EPS)), onehot.argmax(dim=1), reduction="none").flatten(1).mean(1)
+    return (per_sample if weights is None else per_sample * weights).mean()
 
 
 class DiffusionSegLoss(nn.Module):
