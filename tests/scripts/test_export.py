@@ -57,7 +57,7 @@ def test_onnx_denoiser_step_matches_torch_at_other_batch_and_spatial_sizes(tiny,
 def test_onnx_unrolled_sampler_reproduces_the_torch_segmenter(tiny, exported):
     model = load_bundle(BUNDLE, overrides=tiny, seed=7)
     net = model.network
-    image = torch.rand(1, 1, 32, 32, 16)
+    image = torch.rand(1, 1, 32, 32, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = net.predict(image).samples[:, 0].numpy()  # the chain's probabilities (before the vote)
     noise, step_noise = sampler_noise(net, image, seed=7)
@@ -67,7 +67,12 @@ def test_onnx_unrolled_sampler_reproduces_the_torch_segmenter(tiny, exported):
     (probs,) = session.run(None, feed)
     assert probs.shape == expected.shape == (1, 8, 32, 32, 16)
     assert np.abs(probs - expected).max() < PROB_ATOL
-    assert np.array_equal(probs.argmax(1), expected.argmax(1))
+    # the labels agree wherever the decision is not a tie within the parity bound (a tiny random network gives
+    # near-uniform probabilities, so float round-off may flip a voxel whose top two classes differ by ~1e-7)
+    top2 = np.sort(expected, axis=1)[:, -2:]
+    decided = (top2[:, 1] - top2[:, 0]) > 2 * PROB_ATOL
+    assert decided.mean() > 0.9
+    assert np.array_equal(probs.argmax(1)[decided], expected.argmax(1)[decided])
     with torch.no_grad():  # and the torch module itself is the same chain
         eager = UnrolledSampler(net, 5)(image, noise, step_noise).numpy()
     np.testing.assert_allclose(eager, expected, atol=1e-6)
