@@ -368,6 +368,32 @@ def test_autoencoder_then_diffusion_training_then_evaluation(tmp_path):
         assert np.isfinite(report[key])
 
 
+def test_unconditional_prior_then_zero_expanded_start(tmp_path):
+    """train_unet_prior.json trains the 4-channel U-Net alone and ships its plain state_dict; train.json with
+    ``unet_init_ckpt`` starts from it with zero conditioning weights (SDSeg's initialisation)."""
+    write_dataset(tmp_path / "data")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ae,) = parsed("autoencoder_def", configs=("train.json",))
+    save_weights(ae, ckpt / "autoencoder.pt")
+    common = train_common(tmp_path)
+    run_bundle(BUNDLE, ["train.json", "train_unet_prior.json"], prior_max_epochs=2, curve_log_interval=1, **common)
+    prior = torch.load(ckpt / "unet_prior.pt", weights_only=True)
+    assert prior["conv_in.conv.weight"].shape[1] == 4  # z_t only
+    assert not (ckpt / "model.pt").exists()
+    assert (tmp_path / "eval" / "unet_prior" / "curve.csv").is_file()
+    with bundle_imports(BUNDLE):
+        parser = load_config(BUNDLE, ["train.json"], unet_init_ckpt=str(ckpt / "unet_prior.pt"), **common)
+        parser.get_parsed_content("prepare_networks")
+        unet = parser.get_parsed_content("unet_def")
+    weight = unet.state_dict()["conv_in.conv.weight"]
+    torch.testing.assert_close(weight[:, :4], prior["conv_in.conv.weight"], rtol=0, atol=0)
+    assert weight.shape[1] == 8 and not weight[:, 4:].any()  # the image latent's weights start at zero
+    for k, v in prior.items():
+        if k != "conv_in.conv.weight":
+            torch.testing.assert_close(unet.state_dict()[k], v, rtol=0, atol=0)
+
+
 def test_feedforward_twin_predicts_the_latent_from_noise_and_evaluates_its_own_weights(tmp_path):
     """train_feedforward.json (paper 001, E1): the same vision encoder + U-Net called once on z_T noise at t = 999,
     predicting z0 (2·L1 in the latent), decoded by the same frozen autoencoder in one x0 step."""

@@ -16,7 +16,14 @@ from monai.networks.blocks import Convolution
 from monai.networks.nets import AutoencoderKL
 from monai.networks.nets.autoencoderkl import Decoder
 
-__all__ = ["KLAutoencoder", "LatentAutoencoder", "SDSegDenoiser", "VisionEncoder", "load_zero_expanded"]
+__all__ = [
+    "KLAutoencoder",
+    "LatentAutoencoder",
+    "SDSegDenoiser",
+    "UnconditionalDenoiser",
+    "VisionEncoder",
+    "load_zero_expanded",
+]
 
 
 def _conv1x1(in_channels: int, out_channels: int) -> Convolution:
@@ -173,6 +180,26 @@ class SDSegDenoiser(ConditionalDenoiser):
 
     def denoise(self, x_t: torch.Tensor, timesteps: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         return self.unet(torch.cat([x_t, features], dim=1), timesteps)
+
+
+class UnconditionalDenoiser(ConditionalDenoiser):
+    """The 4-channel U-Net alone, ``unet(z_t, t)``: the unconditional latent prior that :func:`load_zero_expanded`
+    turns into SDSeg's starting point (``configs/train_unet_prior.json``). The image is ignored.
+
+    Args:
+        unet: e.g. MONAI ``DiffusionModelUNet`` with ``in_channels = out_channels = 4``.
+    """
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def encode_condition(self, image: torch.Tensor) -> None:
+        return None
+
+    def denoise(self, x_t: torch.Tensor, timesteps: torch.Tensor, features: None) -> torch.Tensor:
+        """z_t (B, 4, h, w), timesteps (B,) → ε̂ (B, 4, h, w)."""
+        return self.unet(x_t, timesteps)
 
 
 def load_zero_expanded(module: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:

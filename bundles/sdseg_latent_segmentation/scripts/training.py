@@ -19,6 +19,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 from diffseg import DiffusionScheduler, DiffusionSegPrepareBatch, FeedForwardPrepareBatch, MaskCodec
+from monai.losses import DiceLoss
 
 from .network import LatentAutoencoder
 
@@ -110,20 +111,27 @@ class LatentEstimationLoss(nn.Module):
 
 
 class MaskAutoencoderLoss(nn.Module):
-    """Autoencoder loss on masks: ``L1(x̂, x) + kl_weight · KL(q(z|x) ‖ N(0, I))`` (the LDM kl-f8 loss without its
-    LPIPS and GAN terms, which masks do not need).
+    """Autoencoder loss on masks: ``L1(x̂, x) + kl_weight · KL(q(z|x) ‖ N(0, I)) + dice_weight · Dice(p̂, p)`` (the LDM
+    kl-f8 loss without its LPIPS and GAN terms, which masks do not need). p̂ = ``clamp((x̂ + 1) / 2, 0, 1)`` averaged
+    over the channels (what :class:`diffseg.BinaryCodec` decodes), p the mask; the batch Dice term (default off) puts
+    the weight on the organ borders, where L1 over the whole slice is small.
 
     ``pred`` is ``AutoencoderKL.forward``'s ``(reconstruction, z_mu, z_sigma)``; ``target`` the input x (B, 3, H, W).
     """
 
-    def __init__(self, kl_weight: float = 1e-6) -> None:
+    def __init__(self, kl_weight: float = 1e-6, dice_weight: float = 0.0) -> None:
         super().__init__()
-        self.kl_weight = kl_weight
+        self.kl_weight, self.dice_weight = kl_weight, dice_weight
+        self.dice = DiceLoss(batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
 
     def forward(self, pred: tuple[torch.Tensor, torch.Tensor, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         recon, mu, sigma = pred
         kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2).clamp_min(1e-12)) - 1)
-        return (recon - target).abs().mean() + self.kl_weight * kl.sum(dim=tuple(range(1, kl.ndim))).mean()
+        loss = (recon - target).abs().mean() + self.kl_weight * kl.sum(dim=tuple(range(1, kl.ndim))).mean()
+        if self.dice_weight:
+            fg = torch.clamp((recon + 1) / 2, 0.0, 1.0).mean(dim=1, keepdim=True)
+            loss = loss + self.dice_weight * self.dice(fg, (target.mean(dim=1, keepdim=True) > 0).float())
+        return loss
 
 
 class MaskReconstructor(nn.Module):
