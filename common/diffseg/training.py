@@ -47,6 +47,9 @@ class DiffusionSegPrepareBatch(DiffusionPrepareBatch):
             drawn from {0..T-2}).
         logits_output: the network outputs mask logits (x0-parameterisation through softmax).
         image_key, label_key: keys of the batch dictionary.
+        final_step_fraction: probability that a sample's t is T-1 instead of a uniform draw (0 = the papers'
+            uniform t). A single-step sampler (SDSeg) only ever calls t = T-1; a short budget can put part of the
+            batch there.
     """
 
     def __init__(
@@ -59,20 +62,29 @@ class DiffusionSegPrepareBatch(DiffusionPrepareBatch):
         logits_output: bool = True,
         image_key: str = "image",
         label_key: str = "label",
+        final_step_fraction: float = 0.0,
     ) -> None:
         super().__init__(scheduler.num_train_timesteps, condition_name=image_key)
         if recycling and network is None:
             raise ValueError("recycling=True needs the network for its first (no-gradient) pass")
+        if not 0.0 <= final_step_fraction <= 1.0:
+            raise ValueError(f"final_step_fraction={final_step_fraction} must be in [0, 1]")
         check_recycling_mode(recycling_mode)
         self.scheduler, self.codec, self.network = scheduler, codec, network
         self.recycling, self.recycling_mode, self.logits_output = recycling, recycling_mode, logits_output
         self.image_key, self.label_key = image_key, label_key
+        self.final_step_fraction = final_step_fraction
 
     def get_timesteps(self, images: torch.Tensor) -> torch.Tensor:
+        """t (B,) long: uniform on {0..T-1} ({0..T-2} for xT-recycling), T-1 with ``final_step_fraction``."""
         high = self.num_train_timesteps
         if self.recycling and self.recycling_mode == "max" and high > 1:
             high -= 1  # xT-recycling trains t in [0, T-1)
-        return torch.randint(0, high, (images.shape[0],), device=images.device).long()
+        t = torch.randint(0, high, (images.shape[0],), device=images.device).long()
+        if self.final_step_fraction > 0:
+            final = torch.rand(t.shape, device=t.device) < self.final_step_fraction
+            t = torch.where(final, torch.full_like(t, self.num_train_timesteps - 1), t)
+        return t
 
     def __call__(
         self,

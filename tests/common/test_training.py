@@ -59,6 +59,18 @@ def test_max_mode_draws_t_below_last():
     assert int(prep.get_timesteps(torch.zeros(1000, 1)).max()) == 3
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+def test_final_step_fraction_puts_that_share_of_t_at_the_last_step(fraction):
+    prep = DiffusionSegPrepareBatch(DDPMSampler(100), OneHotCodec(2), final_step_fraction=fraction)
+    torch.manual_seed(0)
+    t = prep.get_timesteps(torch.zeros(20000, 1))
+    last = (t == 99).float().mean().item()
+    assert last == pytest.approx(fraction + (1 - fraction) / 100, abs=0.01)  # the uniform draw also hits T-1
+    assert int(t.min()) == (99 if fraction == 1.0 else 0)
+    with pytest.raises(ValueError, match="final_step_fraction"):
+        DiffusionSegPrepareBatch(DDPMSampler(100), OneHotCodec(2), final_step_fraction=1.5)
+
+
 def test_missing_key_is_named():
     prep = DiffusionSegPrepareBatch(DDPMSampler(5), OneHotCodec(2))
     with pytest.raises(KeyError, match="'label'"):

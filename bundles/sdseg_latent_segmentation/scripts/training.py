@@ -45,6 +45,7 @@ class LatentPrepareBatch(DiffusionSegPrepareBatch):
         codec: ``BinaryCodec(3)``: label → {-1, +1}³.
         latent: the frozen first stage.
         scale_by_std: compute the scale on the first batch (False: keep the loaded one).
+        final_step_fraction: share of t = T-1 draws (:class:`diffseg.DiffusionSegPrepareBatch`; 0 = the paper).
     """
 
     def __init__(
@@ -55,8 +56,16 @@ class LatentPrepareBatch(DiffusionSegPrepareBatch):
         scale_by_std: bool = True,
         image_key: str = "image",
         label_key: str = "label",
+        final_step_fraction: float = 0.0,
     ) -> None:
-        super().__init__(scheduler, codec, logits_output=False, image_key=image_key, label_key=label_key)
+        super().__init__(
+            scheduler,
+            codec,
+            logits_output=False,
+            image_key=image_key,
+            label_key=label_key,
+            final_step_fraction=final_step_fraction,
+        )
         self.latent = latent
         self.scale_pending = scale_by_std
 
