@@ -146,6 +146,11 @@ def test_zero_init_expansion_keeps_the_unconditional_output():
             torch.testing.assert_close(net8(torch.cat([z, cond], 1), t), ref, rtol=0, atol=0)
     with pytest.raises(ValueError, match="cannot expand"):
         load_zero_expanded(net4, net8.state_dict())
+    fresh = DiffusionModelUNet(in_channels=8, **kw)
+    init = fresh.conv_in.conv.weight.detach().clone()
+    load_zero_expanded(fresh, net4.state_dict(), zeros=False)  # the extra inputs keep the module's own init
+    torch.testing.assert_close(fresh.conv_in.conv.weight[:, 4:], init[:, 4:], rtol=0, atol=0)
+    torch.testing.assert_close(fresh.conv_in.conv.weight[:, :4], net4.conv_in.conv.weight, rtol=0, atol=0)
 
 
 def test_vision_encoder_copies_the_autoencoder_encoder():

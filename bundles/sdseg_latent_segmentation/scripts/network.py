@@ -202,10 +202,11 @@ class UnconditionalDenoiser(ConditionalDenoiser):
         return self.unet(x_t, timesteps)
 
 
-def load_zero_expanded(module: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+def load_zero_expanded(module: nn.Module, state: Mapping[str, torch.Tensor], zeros: bool = True) -> list[str]:
     """Load ``state`` into ``module``; a conv weight (O, I, k…) of a module expecting (O, I+J, k…) becomes
     ``cat(weight, zeros)`` along the input channels (SDSeg's initialisation from an unconditional UNet: the extra
-    conditioning inputs start at zero, so the model first behaves like the pretrained one).
+    conditioning inputs start at zero, so the model first behaves like the pretrained one). ``zeros=False`` keeps
+    ``module``'s own (random) initialisation for the J extra inputs instead.
 
     Returns:
         the names of the expanded weights.
@@ -218,8 +219,8 @@ def load_zero_expanded(module: nn.Module, state: Mapping[str, torch.Tensor]) -> 
             same_rest = value.shape[0] == target.shape[0] and value.shape[2:] == target.shape[2:]
             if not same_rest or value.shape[1] > target.shape[1]:
                 raise ValueError(f"{name}: cannot expand {tuple(value.shape)} to {tuple(target.shape)}")
-            pad = value.new_zeros((value.shape[0], target.shape[1] - value.shape[1], *value.shape[2:]))
-            value = torch.cat([value, pad], dim=1)
+            extra = target[:, value.shape[1] :]
+            value = torch.cat([value, torch.zeros_like(extra) if zeros else extra.to(value)], dim=1)
             expanded.append(name)
         new_state[name] = value
     module.load_state_dict(new_state)
