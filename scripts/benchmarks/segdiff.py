@@ -49,7 +49,7 @@ def _bundle_network():
 def segdiff(quick: bool) -> list[Figure]:
     net, uncached, t_train = _bundle_network()
     steps, samples, repeats, size = (3, 9, 2, 128) if quick else (20, 9, 3, 256)
-    image = torch.randn(1, net.image_encoder.conv_first.in_channels, size, size)
+    image = torch.randn(1, net.image_channels, size, size)
     sched = DDPMSampler(t_train, "improved_linear_beta")
 
     def run(denoiser, samples_per_batch=None):

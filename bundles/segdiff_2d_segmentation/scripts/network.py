@@ -156,6 +156,7 @@ class SegDiffDenoiser(ConditionalDenoiser):
         condition_norm: bool = False,
     ) -> None:
         super().__init__()
+        self.image_channels = image_channels
         encoder = RRDBEncoder(spatial_dims, image_channels, channels[0], rrdb_features, rrdb_growth, rrdb_blocks)
         if condition_norm:
             encoder = nn.Sequential(encoder, nn.GroupNorm(norm_num_groups, channels[0]))
