@@ -127,6 +127,23 @@ def test_single_step_inference_is_the_closed_form():
     assert scores.shape == (2, 2, 32, 48)
 
 
+def test_autoencoder_loss_dice_term_scores_the_decoded_mask():
+    with bundle_imports(BUNDLE):
+        from scripts.training import MaskAutoencoderLoss
+
+    x = -torch.ones(2, 3, 8, 8)
+    x[..., 2:6, 2:6] = 1.0
+    mu, sigma = torch.zeros(2, 4, 1, 1), torch.ones(2, 4, 1, 1)  # KL = 0
+    plain, dice = MaskAutoencoderLoss(dice_weight=0.0), MaskAutoencoderLoss(dice_weight=2.0)
+    assert float(dice((x, mu, sigma), x)) == pytest.approx(0.0, abs=1e-5)  # perfect reconstruction
+    assert float(dice((-x, mu, sigma), x)) == pytest.approx(2.0 + 2.0 * 1.0, abs=1e-4)  # L1 2, Dice of disjoint masks 1
+    assert float(plain((-x, mu, sigma), x)) == pytest.approx(2.0)
+    half = x.clone()
+    half[..., 2:4, 2:6] = -1.0  # half the foreground lost: Dice 2/3 → loss 1/3 per unit weight
+    expected = (half - x).abs().mean().item() + 2.0 * (1 - 2 * 8 / (8 + 16))
+    assert float(dice((half, mu, sigma), x)) == pytest.approx(expected, abs=1e-4)
+
+
 def test_zero_init_expansion_keeps_the_unconditional_output():
     with bundle_imports(BUNDLE):
         from scripts.network import load_zero_expanded

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
-from diffseg import DiffusionScheduler, DiffusionSegPrepareBatch, FeedForwardPrepareBatch, MaskCodec
+from diffseg import BinaryCodec, DiffusionScheduler, DiffusionSegPrepareBatch, FeedForwardPrepareBatch, MaskCodec
 from monai.losses import DiceLoss
 
 from .network import LatentAutoencoder
@@ -138,8 +138,8 @@ class MaskAutoencoderLoss(nn.Module):
         kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2).clamp_min(1e-12)) - 1)
         loss = (recon - target).abs().mean() + self.kl_weight * kl.sum(dim=tuple(range(1, kl.ndim))).mean()
         if self.dice_weight:
-            fg = torch.clamp((recon + 1) / 2, 0.0, 1.0).mean(dim=1, keepdim=True)
-            loss = loss + self.dice_weight * self.dice(fg, (target.mean(dim=1, keepdim=True) > 0).float())
+            codec = BinaryCodec(recon.shape[1])
+            loss = loss + self.dice_weight * self.dice(codec.decode(recon)[:, 1:], codec.decode(target)[:, 1:])
         return loss
 
 
