@@ -239,11 +239,17 @@ def score(pred: str, label: str, region: str | None = None, binary: bool = False
     label file ``label`` of the same grid, both read with MONAI's ``LoadImage`` (so PNG / TIFF arrays are (x, y) in
     both). ``region``: comma-separated ``start:stop`` numpy slices of those arrays scored alone (SegDiff's held-out
     quarter of the 512² stardist image: ``384:512``); ``binary``: foreground = label > 0 in both (instance masks).
-    Prints and returns {class: {"dice", "iou", "voxels"}} for every class > 0 in either file."""
-    from monai.transforms import LoadImage
+    Volumes are compared in RAS orientation. Prints and returns {class: {"dice", "iou", "voxels"}} for every class > 0
+    in either file."""
+    from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Orientation
 
-    load = LoadImage(image_only=True)
-    p, r = (np.asarray(load(f)).squeeze() for f in (pred, label))
+    def load(path: str) -> np.ndarray:
+        image = LoadImage(image_only=True)(path)
+        if image.ndim == 3:  # volumes: compared in RAS (a DICOM-grid output vs an LAS reference of the same grid)
+            image = Compose([EnsureChannelFirst(channel_dim="no_channel"), Orientation("RAS")])(image)
+        return np.asarray(image).squeeze()
+
+    p, r = load(pred), load(label)
     if p.shape != r.shape:
         raise ValueError(f"{pred} has shape {p.shape} but {label} has {r.shape}: score labels of the same grid")
     if region:

@@ -342,6 +342,36 @@ def train_common(tmp_path: Path) -> dict:
             "output_dir": str(tmp_path / "eval"), "patch_size": [32, 32], "slices_per_volume": 2}  # fmt: skip
 
 
+def test_training_slices_are_padded_with_air_and_only_the_image_is_intensity_augmented():
+    """``pad_size`` pads the scaled image with air (−1, the window's lower end) and the label with background before
+    cropping; the intensity augmentation (``intensity_prob``) changes the image only."""
+    image, label = torch.full((1, 20, 10, 3), 0.5), torch.zeros(1, 20, 10, 3)
+    label[:, 5:15, 3:7] = 1
+    (plain,) = parsed("slice_transforms", configs=("train.json",), pad_size=[24, 24], patch_size=[24, 24],
+                      slices_per_volume=1, flip_prob=0.0)  # fmt: skip
+    out = plain[0](plain[1]({"image": image.clone(), "label": label.clone()}))
+    assert out["image"].shape == (1, 24, 24, 3) and out["label"].shape == (1, 24, 24, 3)
+    assert float(out["image"][0, :2].max()) == -1.0 and float(out["image"][0, 2:22, 7:17].min()) == 0.5
+    assert float(out["label"].sum()) == float(label.sum())
+    (augmented,) = parsed("slice_transforms", configs=("train.json",), patch_size=[20, 10], slices_per_volume=1,
+                          flip_prob=0.0, intensity_prob=1.0)  # fmt: skip
+    from monai.transforms import Compose
+
+    aug = Compose(augmented).set_random_state(0)
+    sample = aug({"image": torch.linspace(-1, 1, 600).reshape(1, 20, 10, 3), "label": label.clone()})[0]
+    assert sample["image"].shape == (1, 20, 10) and not torch.allclose(sample["image"], image[..., 0])
+    torch.testing.assert_close(sample["label"].as_tensor(), label[..., 0], rtol=0, atol=0)
+
+
+def test_evaluation_and_inference_pad_the_image_with_air(tmp_path):
+    """Padding to the network's divisor is air (−1) in the evaluation and inference grids, not mid-grey (0 ≈ 37 HU)."""
+    path = write_nifti(tmp_path / "img.nii.gz", np.full((30, 30, 2), 40.0, np.float32), np.diag([3.0, 3.0, 3.0, 1]))
+    (pre,) = parsed("preprocessing")
+    x = pre({"image": str(path)})["image"]
+    assert x.shape[1] % 32 == 0 and x.shape[2] % 32 == 0
+    assert float(x.min()) == -1.0 and float(x.max()) == pytest.approx((40 + 175) / 425 * 2 - 1, abs=1e-5)
+
+
 def test_autoencoder_and_diffusion_trainings_stop_and_resume(tmp_path):
     write_dataset(tmp_path / "data")
     common = train_common(tmp_path)

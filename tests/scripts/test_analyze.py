@@ -132,6 +132,20 @@ def test_score_counts_dice_per_class_of_a_png_region_and_of_binarised_instances(
         analyze.score(str(tmp_path / "small.nii.gz"), str(tmp_path / "ref.png"))
 
 
+def test_score_compares_volumes_of_one_grid_stored_in_different_orientations(tmp_path):
+    """A DICOM-grid output (RAS affine) against an LAS reference of the same voxels: compared in RAS, Dice 1."""
+    ref = np.zeros((8, 6, 4), np.uint8)
+    ref[1:3, 1:5, 0:2] = 1  # left-right asymmetric
+    ras = np.diag([2.0, 2.0, 3.0, 1.0])
+    las = ras.copy()
+    las[0, 0], las[0, 3] = -2.0, 14.0  # x flipped: voxel i of LAS is voxel 7 - i of RAS
+    write_nifti(tmp_path / "pred.nii.gz", ref, ras)
+    write_nifti(tmp_path / "ref.nii.gz", ref[::-1].copy(), las)
+    assert analyze.score(str(tmp_path / "pred.nii.gz"), str(tmp_path / "ref.nii.gz"))[1]["dice"] == 1.0
+    write_nifti(tmp_path / "ref_wrong.nii.gz", ref, las)  # the same array in LAS is the mirror image
+    assert analyze.score(str(tmp_path / "pred.nii.gz"), str(tmp_path / "ref_wrong.nii.gz"))[1]["dice"] == 0.0
+
+
 def test_help_documents_each_analysis():
     for name in ("fingerprint", "calibration", "compare", "stability", "ensemble", "otsu"):
         text = fire.helptext.HelpText(getattr(analyze, name), trace=fire.trace.FireTrace(None, name=name))
