@@ -363,6 +363,23 @@ def test_training_slices_are_padded_with_air_and_only_the_image_is_intensity_aug
     torch.testing.assert_close(sample["label"].as_tensor(), label[..., 0], rtol=0, atol=0)
 
 
+def test_autoencoder_slices_have_their_own_padding_flips_and_scaling():
+    """``ae_pad_size`` / ``ae_flip_prob`` / ``ae_scale_range`` (default: the diffusion's values) set the mask
+    autoencoder's slice augmentation; the diffusion training keeps ``pad_size`` / ``flip_prob`` / ``scale_range``."""
+    ids = ("slice_transforms",)
+    ae_ids = {"ae_pad_size": [0, 0], "ae_flip_prob": 0.25, "ae_scale_range": [0.1, 0.1]}
+    common = {"pad_size": [192, 192], "flip_prob": 0.0, "scale_range": [0.3, 0.3]}
+    for configs, ae_override, pad, flip, scale in (
+        (("train.json", "train_autoencoder.json"), ae_ids, 128, 0.25, 0.1),
+        (("train.json", "train_autoencoder.json"), {}, 192, 0.0, 0.3),
+        (("train.json",), ae_ids, 192, 0.0, 0.3),
+    ):
+        (st,) = parsed(*ids, configs=configs, patch_size=[128, 128], **common, **ae_override)
+        assert [t.padder.spatial_size[0] for t in st[:2]] == [pad, pad]
+        assert [t.prob for t in st[4:6]] == [flip, flip]
+        assert st[6].rand_affine.rand_affine_grid.scale_range == (scale, scale)
+
+
 def test_evaluation_and_inference_pad_the_image_with_air(tmp_path):
     """Padding to the network's divisor is air (−1) in the evaluation and inference grids, not mid-grey (0 ≈ 37 HU)."""
     path = write_nifti(tmp_path / "img.nii.gz", np.full((30, 30, 2), 40.0, np.float32), np.diag([3.0, 3.0, 3.0, 1]))
