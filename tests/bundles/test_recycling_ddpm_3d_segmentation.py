@@ -92,6 +92,27 @@ def test_ablation_overrides_change_what_they_name():
     np.testing.assert_allclose(long.scheduler.alphas_cumprod64[[0, 250, 500, 750, 1000]], IMGX_ALPHAS_CUMPROD, 2e-4)
 
 
+def test_intensity_augmentation_changes_only_the_image_and_is_off_by_default():
+    """``intensity_prob`` drives the histogram shift, scale, shift, gamma, smoothing and noise of the training patches;
+    at the default 0 the random transforms after the crop leave the intensities alone."""
+    image = torch.linspace(0, 1, 32 * 32 * 16).reshape(1, 32, 32, 16)
+    label = torch.zeros(1, 32, 32, 16, dtype=torch.long)
+    label[:, 8:24, 8:24, 4:12] = 2
+    results = {}
+    for prob in (0.0, 1.0):
+        with bundle_imports(BUNDLE):
+            parser = load_config(BUNDLE, ["train.json"], intensity_prob=prob, rotate_range=0.0, scale_range=0.0,
+                                 translate_range=0.0)  # fmt: skip
+            transforms = parser.get_parsed_content("train#random_transforms")[2:]  # after the crop and the pad
+        from monai.transforms import Compose
+
+        results[prob] = Compose(transforms).set_random_state(0)({"image": image.clone(), "label": label.clone()})
+    for out in results.values():
+        torch.testing.assert_close(torch.as_tensor(out["label"]).long(), label, rtol=0, atol=0)
+    torch.testing.assert_close(torch.as_tensor(results[0.0]["image"]), image, rtol=0, atol=1e-6)
+    assert float((torch.as_tensor(results[1.0]["image"]) - image).abs().mean()) > 0.01
+
+
 def test_folder_inference_keeps_the_original_geometry_and_writes_uncertainty(tmp_path):
     lps = np.diag([-2.0, -2.0, 6.0, 1.0])
     lps[:3, 3] = [40.0, 30.0, -20.0]
