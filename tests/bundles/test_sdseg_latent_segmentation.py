@@ -19,6 +19,7 @@ from bundle_testing import (
     check_metadata,
     check_net_in_out,
     check_resumable_training,
+    dice,
     error_text,
     infer_images,
     load_config,
@@ -33,6 +34,7 @@ from bundle_testing import (
 from monai.networks.nets import DiffusionModelUNet
 
 BUNDLE = "sdseg_latent_segmentation"
+DICOM_GRID_FLOOR = 0.70  # the 0.3.0 weights measure 0.718 in B's DICOM grid (a regression guard, not issue 18's floor)
 TINY = {
     "ae_channels": [8, 8, 8, 8],
     "ae_norm_num_groups": 4,
@@ -503,7 +505,7 @@ def test_feedforward_twin_predicts_the_latent_from_noise_and_evaluates_its_own_w
 @pytest.mark.data
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 18 open: the shipped weights (800 denoiser iterations) give Dice 0.10; new ones not trained yet",
+    reason="issue 18 open: the 0.3.0 weights (109 training minutes) give Dice 0.716, plateaued since 50 minutes",
 )
 def test_shipped_weights_segment_patient_b_in_the_evaluation_grid(tmp_path):
     """Issue 18's floor: the shipped weights with the inference defaults (one step from t = 999), binary organ Dice
@@ -520,17 +522,21 @@ def test_shipped_weights_segment_patient_b_in_the_evaluation_grid(tmp_path):
 @pytest.mark.slow
 @pytest.mark.data
 def test_demo_weights_segment_patient_b(tmp_path):
-    """The shipped weights on the real DICOM series of patient B (demo.json, what `make demo` runs)."""
+    """The shipped weights on the real DICOM series of patient B (demo.json, what `make demo` runs), scored in its
+    original DICOM grid against the union of the 8 organs of its pseudo-label map."""
     run_bundle(BUNDLE, ["inference.json", "demo.json"], output_dir=str(tmp_path))
     (out,) = tmp_path.glob("*_seg.nii.gz")
-    label = np.asarray(nib.load(out).dataobj)
+    written = nib.as_closest_canonical(nib.load(out))
+    label = np.asarray(written.dataobj)
     assert label.shape == (512, 512, 20) and set(np.unique(label).tolist()) == {0, 1}
     from diffseg.data import data_path
 
-    ref = nib.load(data_path("totalsegmentator/example_seg_dicom.nii.gz"))
-    assert ref.shape == label.shape
-    fraction = label.mean()
-    assert 0.02 < fraction < 0.5  # organs, not empty, not everything (pseudo-label: 0.11)
+    with bundle_imports(BUNDLE):
+        from scripts.prepare_data import binary_foreground
+    binary_foreground(data_path("totalsegmentator/example_seg_dicom.nii.gz"), tmp_path / "ref.nii.gz")
+    ref = nib.as_closest_canonical(nib.load(tmp_path / "ref.nii.gz"))  # LAS on disk; both compared in RAS
+    np.testing.assert_allclose(ref.affine, written.affine, atol=1e-3)
+    assert dice(label, np.asarray(ref.dataobj)) >= DICOM_GRID_FLOOR
 
 
 @pytest.mark.slow
