@@ -28,7 +28,7 @@ from diffseg.scheduler import DiffusionScheduler, StepOutput
 from diffseg.segmenter import DiffusionSegmenter
 from diffseg.sliding import StitchedUncertaintyInferer, WindowConsistentInferer
 from diffseg.training import DiffusionSegPrepareBatch, FeedForwardPrepareBatch, GradientClipping
-from diffseg.transforms import SegmenterUncertaintyd
+from diffseg.transforms import SegmenterUncertaintyd, SelectTransformd
 
 __version__ = "0.1.0"
 
@@ -54,6 +54,7 @@ __all__ = [
     "RandomStates",
     "SaveOverlayd",
     "SegmenterUncertaintyd",
+    "SelectTransformd",
     "StepOutput",
     "StitchedUncertaintyInferer",
     "TrainingCheckpoint",

@@ -1,18 +1,18 @@
-"""Dictionary transforms for bundle post-processing."""
+"""Dictionary transforms: per-item pre-processing choice and bundle post-processing."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import torch
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, Transform
 
 from diffseg.segmenter import DiffusionSegmenter
 from diffseg.uncertainty import UNCERTAINTY_MEASURES
 
-__all__ = ["SegmenterUncertaintyd"]
+__all__ = ["SegmenterUncertaintyd", "SelectTransformd"]
 
 
 class SegmenterUncertaintyd(MapTransform):
@@ -52,3 +52,22 @@ class SegmenterUncertaintyd(MapTransform):
         for key in self.keys:  # output keys: not in the data yet
             d[key] = value
         return d
+
+
+class SelectTransformd(Transform):
+    """Apply ``transforms[d[selector]]`` to each item, ``transforms[default]`` when the item has no ``selector``.
+
+    For a datalist that mixes sources needing different pre-processing, e.g. ``{"CT": HU window, "MR": percentile
+    scaling}`` chosen by each entry's ``"modality"``. Deterministic, so ``CacheDataset`` caches its output.
+    """
+
+    def __init__(self, selector: str, transforms: Mapping[str, Callable], default: str) -> None:
+        if default not in transforms:
+            raise ValueError(f"default={default!r} is not one of the transforms' names {sorted(transforms)}")
+        self.selector, self.transforms, self.default = selector, dict(transforms), default
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Any:
+        name = data.get(self.selector, self.default)
+        if name not in self.transforms:
+            raise ValueError(f"{self.selector}={name!r}: expected one of {sorted(self.transforms)}")
+        return self.transforms[name](data)

@@ -415,3 +415,29 @@ def test_two_process_training_with_torchrun_on_cpu(tmp_path):
     )
     state = torch.load(tmp_path / "ckpt" / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state) and any(k.startswith("head.") for k in state)
+
+
+def test_pretraining_scales_ct_by_the_hu_window_and_mr_by_its_percentiles():
+    """pretrain.json's intensity step follows each datalist entry's "modality" (default CT): CT gets the HU window
+    [-1350, 1000] → [-1, 1], MR (no Hounsfield units) its own 0.5-99.5 percentiles → [-1, 1]."""
+    select = parsed("pretrain_intensity_transform", ["pretrain.json"])
+    values = torch.linspace(-1350.0, 1000.0, 1001).reshape(1, 11, 91, 1)
+    ct = select({"image": values.clone()})["image"]
+    np.testing.assert_allclose(ct.flatten()[[0, 500, -1]].numpy(), [-1.0, (-175 + 1350) / 2350 * 2 - 1, 1.0], atol=1e-5)
+    mr_values = torch.arange(1001.0).reshape(1, 11, 91, 1)  # arbitrary MR units 0..1000
+    mr = select({"image": mr_values.clone(), "modality": "MR"})["image"]
+    np.testing.assert_allclose(mr.flatten()[[5, 500, 995]].numpy(), [-1.0, 0.0, 1.0], atol=1e-5)
+    with pytest.raises(ValueError, match="modality='PET': expected one of \\['CT', 'MR'\\]"):
+        select({"image": values, "modality": "PET"})
+
+
+@pytest.mark.data
+def test_pretraining_data_leaves_patient_b_out(tmp_path):
+    """Issue 19: the backbone pretrains on patients A and C and the MR, never on the evaluation image (patient B)."""
+    with bundle_imports(BUNDLE):
+        from scripts.prepare_data import prepare
+
+        dataset = json.loads(prepare(tmp_path).read_text())
+    pretraining = [(e["image"].split("totalsegmentator/")[-1], e["modality"]) for e in dataset["pretraining"]]
+    assert pretraining == [("example_ct.nii.gz", "CT"), ("aorta_ct.nii.gz", "CT"), ("example_mr_sm.nii.gz", "MR")]
+    assert dataset["validation"][0]["image"].endswith("example_ct_dicom")

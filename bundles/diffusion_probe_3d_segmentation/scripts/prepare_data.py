@@ -1,7 +1,9 @@
 """Build the demo dataset (MSD-style ``dataset.json``) from the real CTs of the project's data fetcher.
 
-- ``"pretraining"`` (unlabeled, for ``pretrain.json``): TotalSegmentator patients A (abdomen, 3 mm NIfTI),
-  B (20-slice CT DICOM series) and C (chest CTA, 1.5 mm).
+- ``"pretraining"`` (unlabeled, for ``pretrain.json``): TotalSegmentator patient A (abdomen CT, 3 mm NIfTI),
+  patient C (chest CTA, 1.5 mm) and the abdominal MR (3 mm; ``"modality": "MR"`` selects its intensity scaling).
+  Not patient B: the evaluation image stays unseen. Left out: ``example_ct_sm`` (a crop of patient A) and the CT head
+  atlas (an average of many heads, no abdomen).
 - ``"training"`` (probing head, ``train.json``): patient A with its pseudo-labels mapped to the BTCV organs present in
   it (esophagus is not labelled in A).
 - ``"validation"`` (evaluation): patient B's DICOM series with its own pseudo-label map (LAS; aligned by affine in
@@ -62,11 +64,15 @@ def prepare(output: Path) -> Path:
     patient_a, patient_b = str(data_path(ts + "example_ct.nii.gz")), str(data_path(ts + "example_ct_dicom"))
     dataset = {
         "name": "diffusion_probe_3d_demo",
-        "description": "TotalSegmentator 2.18.0 reference CTs (A: abdomen, B: DICOM slab, C: chest CTA); labels are "
-        "TotalSegmentator pseudo-labels",
+        "description": "TotalSegmentator 2.18.0 reference images (CT A: abdomen, B: DICOM slab, C: chest CTA; an "
+        "abdominal MR); labels are TotalSegmentator pseudo-labels",
         "labels": {"0": "background", **{str(i + 1): name for i, name in enumerate(CLASSES)}},
         "voxels_per_class": {"patient_a": counts_a, "patient_b": counts_b},
-        "pretraining": [{"image": patient_a}, {"image": patient_b}, {"image": str(data_path(ts + "aorta_ct.nii.gz"))}],
+        "pretraining": [
+            {"image": patient_a, "modality": "CT"},
+            {"image": str(data_path(ts + "aorta_ct.nii.gz")), "modality": "CT"},
+            {"image": str(data_path(ts + "example_mr_sm.nii.gz")), "modality": "MR"},
+        ],
         "training": [{"image": patient_a, "label": "labelsTr/patient_a.nii.gz"}],
         "validation": [{"image": patient_b, "label": "labelsTs/patient_b.nii.gz"}],
     }
