@@ -110,6 +110,26 @@ def test_latent_estimation_identity_and_loss():
     assert loss.seg_weight == 1.0
 
 
+def test_latent_estimation_loss_with_v_prediction_is_the_same_loss_on_derived_eps_and_z0():
+    """v-prediction keeps SDSeg's loss L1(ε̂, ε) + L1(ẑ0, z0), with ẑ0 = √ᾱ z_t − √(1−ᾱ) v̂ and ε̂ = √(1−ᾱ) z_t + √ᾱ v̂;
+    the true v = √ᾱ ε − √(1−ᾱ) z0 scores 0, and at t = 999 an error in v̂ costs ~1× in ẑ0 (38.7× for ε̂)."""
+    (sched, loss) = parsed("scheduler", "loss", configs=("train.json",), prediction_type="v_prediction")
+    torch.manual_seed(0)
+    z0, eps = torch.randn(4, 4, 6, 6), torch.randn(4, 4, 6, 6)
+    t = torch.tensor([0, 10, 500, 999])
+    z_t = sched.add_noise(z0, eps, t)
+    acp = sched.alphas_cumprod64[t].float().view(-1, 1, 1, 1)
+    v = acp.sqrt() * eps - (1 - acp).sqrt() * z0
+    target = {"x0": z0, "noise": eps, "x_t": z_t, "timesteps": t}
+    assert float(loss(v, target)) == pytest.approx(0.0, abs=1e-4)
+    off = v + 0.1
+    eps_err = float(((1 - acp).sqrt() * z_t + acp.sqrt() * off - eps).abs().mean())
+    z0_err = float((acp.sqrt() * z_t - (1 - acp).sqrt() * off - z0).abs().mean())
+    assert float(loss(off, target)) == pytest.approx(eps_err + z0_err, rel=1e-3)
+    last = {k: v[-1:] for k, v in target.items()}  # t = 999 alone
+    assert float(loss(v[-1:] + 0.1, last)) == pytest.approx(0.1 * (acp[-1].sqrt() + (1 - acp[-1]).sqrt()), rel=1e-3)
+
+
 def test_single_step_inference_is_the_closed_form():
     """1 step: ẑ0 = (z_T − √(1−ᾱ)·ε̂)/√ᾱ at t = 999, decode, clamp((x+1)/2), mean over 3 channels."""
     (seg,) = parsed("network_def")

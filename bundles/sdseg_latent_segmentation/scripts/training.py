@@ -94,26 +94,32 @@ class LatentFeedForwardPrepareBatch(FeedForwardPrepareBatch, LatentPrepareBatch)
 class LatentEstimationLoss(nn.Module):
     """SDSeg loss: ``L1(ε̂, ε) + seg_weight · L1(ẑ0, z0)`` with ẑ0 = (z_t - √(1-ᾱ_t) ε̂)/√ᾱ_t (latent estimation).
 
-    With ``prediction_type="sample"`` (the feed-forward twin) the network output is ẑ0 and the simple term compares
-    it with z0, as LDM's x0-parameterisation does, so the loss is ``(1 + seg_weight) · L1(ẑ0, z0)``.
+    With ``prediction_type="v_prediction"`` the network outputs v̂ and the loss is the same, with ε̂ and ẑ0 derived from
+    v̂ (ẑ0 = √ᾱ_t z_t - √(1-ᾱ_t) v̂): at t = 999, where ε̂ would carry ẑ0's error times 1/√ᾱ = 38.7, v̂ ≈ -ẑ0 is
+    well conditioned. With ``prediction_type="sample"`` (the feed-forward twin) the network output is ẑ0 and the simple
+    term compares it with z0, as LDM's x0-parameterisation does, so the loss is ``(1 + seg_weight) · L1(ẑ0, z0)``.
 
     Args:
-        scheduler: gives ᾱ_t (ε-prediction) and the parameterisation (``"epsilon"`` or ``"sample"``).
+        scheduler: gives ᾱ_t and the parameterisation (``"epsilon"``, ``"v_prediction"`` or ``"sample"``).
         seg_weight: λ of the latent-estimation term (paper: 1).
     """
 
     def __init__(self, scheduler: DiffusionScheduler, seg_weight: float = 1.0) -> None:
         super().__init__()
-        if scheduler.prediction_type not in ("epsilon", "sample"):
-            raise ValueError(f"SDSeg's loss is for epsilon or sample prediction, got {scheduler.prediction_type!r}")
+        if scheduler.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"SDSeg's loss needs epsilon, v or sample prediction, got {scheduler.prediction_type!r}")
         self.scheduler, self.seg_weight = scheduler, seg_weight
         self.simple_key = "x0" if scheduler.prediction_type == "sample" else "noise"
         self.last_terms: dict[str, float] = {}
 
     def forward(self, pred: torch.Tensor, target: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """pred ε̂ or ẑ0 (B, 4, h, w); target from :class:`LatentPrepareBatch` → scalar loss."""
-        simple = (pred - target[self.simple_key]).abs().mean()
-        z0_hat = self.scheduler.predict_x0(pred, target["timesteps"], target["x_t"])
+        """pred ε̂, v̂ or ẑ0 (B, 4, h, w); target from :class:`LatentPrepareBatch` → scalar loss."""
+        t, z_t = target["timesteps"], target["x_t"]
+        z0_hat = self.scheduler.predict_x0(pred, t, z_t)
+        simple_pred = (
+            self.scheduler.predict_epsilon(z0_hat, t, z_t) if self.scheduler.prediction_type == "v_prediction" else pred
+        )
+        simple = (simple_pred - target[self.simple_key]).abs().mean()
         seg = (z0_hat - target["x0"]).abs().mean()
         self.last_terms = {"simple": float(simple.detach()), "seg": float(seg.detach())}
         return simple + self.seg_weight * seg
