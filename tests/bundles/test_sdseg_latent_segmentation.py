@@ -92,19 +92,23 @@ def test_scaled_linear_schedule_values():
         assert sched.timesteps.tolist() == [999]
 
 
-def test_latent_estimation_identity_and_loss():
-    (sched, loss) = parsed("scheduler", "loss", configs=("train.json",))
+def latent_target(sched) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A LatentPrepareBatch-style target: latents (4, 4, 6, 6) at t = 0, 10, 500, 999, and their ᾱ_t (4, 1, 1, 1)."""
     torch.manual_seed(0)
     z0, eps = torch.randn(4, 4, 6, 6), torch.randn(4, 4, 6, 6)
     t = torch.tensor([0, 10, 500, 999])
-    z_t = sched.add_noise(z0, eps, t)
+    target = {"x0": z0, "noise": eps, "x_t": sched.add_noise(z0, eps, t), "timesteps": t}
+    return target, sched.alphas_cumprod64[t].float().view(-1, 1, 1, 1)
+
+
+def test_latent_estimation_identity_and_loss():
+    (sched, loss) = parsed("scheduler", "loss", configs=("train.json",))
+    target, acp = latent_target(sched)
+    z0, eps, t, z_t = target["x0"], target["noise"], target["timesteps"], target["x_t"]
     torch.testing.assert_close(sched.predict_x0(eps, t, z_t), z0, atol=1e-4, rtol=1e-4)
-    target = {"x0": z0, "noise": eps, "x_t": z_t, "timesteps": t}
     assert float(loss(eps, target)) == pytest.approx(0.0, abs=1e-4)
     off = eps + 0.1
-    z0_hat = (z_t - (1 - sched.alphas_cumprod64[t]).sqrt().float().view(-1, 1, 1, 1) * off) / sched.alphas_cumprod64[
-        t
-    ].sqrt().float().view(-1, 1, 1, 1)
+    z0_hat = (z_t - (1 - acp).sqrt() * off) / acp.sqrt()
     expected = 0.1 + loss.seg_weight * float((z0_hat - z0).abs().mean())
     assert float(loss(off, target)) == pytest.approx(expected, rel=1e-4)
     assert loss.seg_weight == 1.0
@@ -114,19 +118,15 @@ def test_latent_estimation_loss_with_v_prediction_is_the_same_loss_on_derived_ep
     """v-prediction keeps SDSeg's loss L1(ε̂, ε) + L1(ẑ0, z0), with ẑ0 = √ᾱ z_t − √(1−ᾱ) v̂ and ε̂ = √(1−ᾱ) z_t + √ᾱ v̂;
     the true v = √ᾱ ε − √(1−ᾱ) z0 scores 0, and at t = 999 an error in v̂ costs ~1× in ẑ0 (38.7× for ε̂)."""
     (sched, loss) = parsed("scheduler", "loss", configs=("train.json",), prediction_type="v_prediction")
-    torch.manual_seed(0)
-    z0, eps = torch.randn(4, 4, 6, 6), torch.randn(4, 4, 6, 6)
-    t = torch.tensor([0, 10, 500, 999])
-    z_t = sched.add_noise(z0, eps, t)
-    acp = sched.alphas_cumprod64[t].float().view(-1, 1, 1, 1)
+    target, acp = latent_target(sched)
+    z0, eps, z_t = target["x0"], target["noise"], target["x_t"]
     v = acp.sqrt() * eps - (1 - acp).sqrt() * z0
-    target = {"x0": z0, "noise": eps, "x_t": z_t, "timesteps": t}
     assert float(loss(v, target)) == pytest.approx(0.0, abs=1e-4)
     off = v + 0.1
     eps_err = float(((1 - acp).sqrt() * z_t + acp.sqrt() * off - eps).abs().mean())
     z0_err = float((acp.sqrt() * z_t - (1 - acp).sqrt() * off - z0).abs().mean())
     assert float(loss(off, target)) == pytest.approx(eps_err + z0_err, rel=1e-3)
-    last = {k: v[-1:] for k, v in target.items()}  # t = 999 alone
+    last = {k: x[-1:] for k, x in target.items()}  # t = 999 alone
     assert float(loss(v[-1:] + 0.1, last)) == pytest.approx(0.1 * (acp[-1].sqrt() + (1 - acp[-1]).sqrt()), rel=1e-3)
 
 
