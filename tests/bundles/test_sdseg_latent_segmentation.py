@@ -131,13 +131,16 @@ def test_latent_estimation_loss_with_v_prediction_is_the_same_loss_on_derived_ep
     assert float(loss(v[-1:] + 0.1, last)) == pytest.approx(0.1 * (acp[-1].sqrt() + (1 - acp[-1]).sqrt()), rel=1e-3)
 
 
+def test_training_and_inference_default_to_what_the_shipped_weights_predict():
+    for configs in (("inference.json",), ("train.json",)):
+        assert parsed("prediction_type", configs=configs) == ["v_prediction"]
+
+
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
 def test_single_step_inference_is_the_closed_form(prediction_type):
     """1 step at t = 999: ẑ0 = √ᾱ·z_T − √(1−ᾱ)·v̂ (the shipped v-prediction) or (z_T − √(1−ᾱ)·ε̂)/√ᾱ (the paper's
     ε), decode, clamp((x+1)/2), mean over 3 channels."""
     (seg,) = parsed("network_def", prediction_type=prediction_type)
-    for configs in (("inference.json",), ("train.json",)):  # what the shipped weights predict
-        assert parsed("prediction_type", configs=configs) == ["v_prediction"]
     seg.eval()
     image = torch.rand(2, 1, 32, 48) * 2 - 1
     scores = seg(image)
