@@ -430,12 +430,21 @@ def curves(
 ) -> list[dict]:
     """Several trainings in one figure: loss and ``metric`` against wall minutes from their ``curve.csv`` files
     (written by every bundle's ``train.json``) → ``output`` (PNG); prints and returns each run's best and final
-    ``metric`` with the wall minutes at which they were reached, its iterations and seconds per iteration."""
+    ``metric`` with the wall minutes at which they were reached, its iterations and seconds per iteration.
+    ``metric`` may name several columns, comma-separated: their mean is plotted (e.g. the five-organ mean
+    ``val_dice_liver,val_dice_spleen,...``; a validation row missing one of them is left out)."""
     paths = _names(runs)
     names = _names(labels) if labels is not None else [Path(p).parent.name for p in paths]
     if len(names) != len(paths):
         raise ValueError(f"{len(paths)} runs but {len(names)} labels: give one label per curve.csv")
     data = {name: read_curve(path) for name, path in zip(names, paths, strict=True)}
+    columns = _names(metric)
+    if len(columns) > 1:
+        metric = f"mean of {len(columns)} columns"  # the axis label; the columns are in the card's command
+        for rows in data.values():
+            for row in rows:
+                if all(c in row for c in columns):
+                    row[metric] = float(np.mean([row[c] for c in columns]))
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     plot_curves(data, output, metric)
     rows = [{"run": name, **curve_summary(rows, metric)} for name, rows in data.items()]

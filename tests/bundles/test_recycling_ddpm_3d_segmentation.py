@@ -37,6 +37,8 @@ TINY = {"unet_channels": [4, 4, 4, 4], "roi_size": [32, 32, 16]}
 CLASSES = 8
 IMGX_ALPHAS_CUMPROD = [0.9999, 0.52175, 0.077992, 0.0033189, 3.995e-5]
 IMGX_FIXED_LARGE = [1.0e-4, 0.478, 0.851, 0.957, 0.988]
+FLOORS = {"liver": 0.80, "aorta": 0.50}
+FIVE_ORGANS = ("liver", "spleen", "stomach", "aorta", "inferior vena cava")
 
 
 def tiny_weights(tmp_path, **override) -> str:
@@ -111,6 +113,26 @@ def test_intensity_augmentation_changes_only_the_image_and_is_off_by_default():
         torch.testing.assert_close(torch.as_tensor(out["label"]).long(), label, rtol=0, atol=0)
     torch.testing.assert_close(torch.as_tensor(results[0.0]["image"]), image, rtol=0, atol=1e-6)
     assert float((torch.as_tensor(results[1.0]["image"]) - image).abs().mean()) > 0.01
+
+
+def test_pad_size_puts_the_volume_on_an_air_canvas_before_the_crop():
+    """``pad_size`` (in-plane canvas; 0 = none, the default) pads the cached volume with air (0 after the HU window) and
+    background before the class-balanced crop, so that patches of a tight field of view also show the body's edge."""
+    image = torch.rand(1, 20, 12, 10) * 0.5 + 0.5
+    label = torch.ones(1, 20, 12, 10, dtype=torch.long)
+    for pad_size, shape in (([0, 0, 0], (20, 12, 10)), ([24, 24, 0], (24, 24, 10))):
+        with bundle_imports(BUNDLE):
+            transforms = load_config(BUNDLE, ["train.json"], pad_size=pad_size).get_parsed_content(
+                "train#deterministic_transforms"
+            )
+        (pad,) = [t for t in transforms if type(t).__name__ == "SpatialPadd"]
+        out = pad({"image": image.clone(), "label": label.clone()})
+        assert tuple(out["image"].shape[1:]) == shape and tuple(out["label"].shape[1:]) == shape
+        assert float(out["image"].sum()) == pytest.approx(float(image.sum()), rel=1e-6)  # the canvas is air: 0
+        assert int(out["label"].sum()) == int(label.sum())  # and background
+    with bundle_imports(BUNDLE):
+        demo = load_config(BUNDLE, ["train.json", "train_demo.json"]).get_parsed_content("pad_size")
+    assert demo[:2] == [192, 192]  # ≥ patient A's 122 × 101 voxels at 3 mm, B's 167² field of view fits
 
 
 def test_folder_inference_keeps_the_original_geometry_and_writes_uncertainty(tmp_path):
@@ -277,6 +299,42 @@ def test_demo_weights_segment_patient_b(tmp_path):
     values, counts = np.unique(np.asarray(label.dataobj), return_counts=True)
     assert set(values.tolist()) <= set(range(CLASSES)) and {0, 2}.issubset(set(values.tolist()))
     assert counts[values.tolist().index(2)] > 100_000  # liver: 230k voxels measured (pseudo-label: 367k)
+
+
+@pytest.fixture(scope="module")
+def patient_b_dice(tmp_path_factory) -> dict[str, float]:
+    """Per-class Dice of the shipped weights with the inference defaults (5 steps, 1 sample, seed 0) on patient B
+    (never trained on) against its TotalSegmentator pseudo-labels, in the evaluation grid (evaluate.json)."""
+    tmp_path = tmp_path_factory.mktemp("patient_b")
+    with bundle_imports(BUNDLE):
+        from scripts.prepare_data import prepare
+    prepare(tmp_path / "data")
+    run_bundle(BUNDLE, ["train.json", "evaluate.json"], dataset_dir=str(tmp_path / "data"), output_dir=str(tmp_path))
+    header, row = (line.split(",") for line in (tmp_path / "val_mean_dice_raw.csv").read_text().splitlines()[:2])
+    assert header[1:CLASSES] == [f"class{i}" for i in range(CLASSES - 1)]  # MetricsSaver: background excluded
+    names = load_config(BUNDLE, ["train.json"]).get_parsed_content("channel_names")
+    return {names[str(i + 1)]: float(row[i + 1]) for i in range(CLASSES - 1)}
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_shipped_weights_meet_the_patient_b_floors(patient_b_dice):
+    """Issue 16's floors: liver ≥ 0.80, aorta ≥ 0.50 and the five-organ mean ≥ 0.50 (the spleen's: below)."""
+    for organ, floor in FLOORS.items():
+        assert patient_b_dice[organ] >= floor, (organ, patient_b_dice)
+    assert np.mean([patient_b_dice[o] for o in FIVE_ORGANS]) >= 0.50, patient_b_dice
+
+
+@pytest.mark.slow
+@pytest.mark.data
+@pytest.mark.xfail(
+    strict=True,
+    reason="the 0.3.0 weights (3,600 iterations, 138 of 150 minutes) give spleen Dice 0.443; the spleen swings "
+    "between 0.09 and 0.57 over the run's validations from 30 minutes on (issue 16)",
+)
+def test_shipped_weights_meet_the_spleen_floor(patient_b_dice):
+    """Issue 16's spleen floor: Dice ≥ 0.60 on patient B."""
+    assert patient_b_dice["spleen"] >= 0.60, patient_b_dice
 
 
 @pytest.mark.slow

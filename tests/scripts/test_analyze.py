@@ -172,6 +172,15 @@ def test_curves_draws_runs_and_reports_best_and_final(tmp_path, capsys):
         assert img.format == "PNG"
     with pytest.raises(ValueError, match="2 runs but 1 labels"):
         analyze.curves(paths, str(tmp_path / "x.png"), labels="one")
+    # several columns: their mean per validation; a row without all of them is no validation of the mean
+    organs = tmp_path / "organs.csv"
+    organs.write_text(
+        "wall_seconds,iteration,val_dice_liver,val_dice_spleen\n60,10,0.8,0.2\n120,20,0.9,\n180,30,0.7,0.5\n"
+    )
+    (row,) = analyze.curves(str(organs), str(tmp_path / "mean.png"), metric="val_dice_liver,val_dice_spleen")
+    assert row["best"] == pytest.approx(0.6) and row["best_minutes"] == 3.0 and row["final"] == pytest.approx(0.6)
+    (row,) = analyze.curves(str(organs), str(tmp_path / "first.png"), metric="val_dice_liver,val_dice_spleen,loss")
+    assert np.isnan(row["best"]) and row["final_iteration"] == 30
 
 
 def test_qc_threshold_is_the_95th_percentile_of_the_slices_in_the_written_files(tmp_path, tiny, capsys):
