@@ -154,7 +154,7 @@ def test_folder_inference_keeps_the_original_geometry_and_writes_uncertainty(tmp
 
 
 def test_same_seed_gives_an_identical_label_file(tmp_path):
-    images = {"a.nii.gz": (random_ct((30, 30, 10)), np.diag([1.5, 1.5, 5.0, 1.0]))}
+    images = {"a.nii.gz": (random_ct((64, 64, 10)), np.diag([1.5, 1.5, 5.0, 1.0]))}
     ckpt = tiny_weights(tmp_path)
     first = infer(tmp_path / "1", images, ckpt_path=ckpt)
     second = infer(tmp_path / "2", images, ckpt_path=ckpt)
