@@ -40,11 +40,21 @@ def fit_window(roi_size: Sequence[int] | int, spatial: Sequence[int], size_divis
     """The window for an image of spatial size ``spatial``: ``roi_size`` shrunk, axis by axis, to the image size
     rounded up to a multiple of ``size_divisible`` (the network's total downsampling): a thin volume gets a thin
     window (8 slices, roi 32, divisibility 8: 8 slices), padded by at most ``size_divisible - 1`` voxels per axis.
+    A window no axis of which exceeds ``size_divisible`` is refused with a ``ValueError`` (a one-voxel bottom level).
     ``fit_window(roi (D,) or int, spatial (D,), m) -> window (D,)``."""
     if size_divisible < 1:
         raise ValueError(f"size_divisible={size_divisible} must be >= 1")
     roi = ensure_tuple_rep(roi_size, len(spatial))
-    return [min(int(r), -(-int(s) // size_divisible) * size_divisible) for r, s in zip(roi, spatial, strict=True)]
+    window = [min(int(r), -(-int(s) // size_divisible) * size_divisible) for r, s in zip(roi, spatial, strict=True)]
+    if size_divisible > 1 and all(w <= size_divisible for w in window):
+        raise ValueError(
+            f"an image of spatial size {tuple(int(s) for s in spatial)} (as the network gets it, after any "
+            f"resampling) is too small for this network: its window {window} fits in one step of the total "
+            f"downsampling ({size_divisible}) on every axis, so the deepest level would be a single voxel (instance / "
+            "group norm needs more than one); resample the image to a finer grid, or give a roi_size larger than the "
+            "downsampling on at least one axis"
+        )
+    return window
 
 
 def pad_spatial(

@@ -115,6 +115,7 @@ def bad_inputs(folder: Path) -> dict[str, tuple[str, str]]:
     nan = random_ct((16, 16, 8))
     nan[2, 3, 4] = np.nan
     write_nifti(folder / "nan.nii.gz", nan)
+    write_nifti(folder / "small.nii.gz", random_ct((6, 6, 3)))  # one window of the U-Net's downsampling
     (folder / "unreadable").mkdir()
     (folder / "unreadable" / "x.dcm").write_bytes(b"\x00\x01 garbage")
     write_ct_series(folder / "mixed", slices=2, series_uid="1.2.3.9")
@@ -129,6 +130,7 @@ def bad_inputs(folder: Path) -> dict[str, tuple[str, str]]:
         "fourd": ("failed", "fourd.nii.gz: expected 1 channel(s), got 3"),
         "flat": ("failed", "flat.nii.gz: expected a 3D image"),
         "nan": ("failed", "nan.nii.gz: image contains NaN"),
+        "small": ("failed", "is too small for this network"),
         "unreadable_x.dcm": ("failed", "unreadable DICOM"),
         "mixed": ("failed", "mixed series"),
         "objects_rtstruct.dcm": ("skipped", "RT Structure Set"),
