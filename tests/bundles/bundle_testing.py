@@ -26,6 +26,7 @@ BUNDLES = REPO / "bundles"
 SCHEMA = BUNDLES / "meta_schema_20240725.json"  # offline copy of the model-zoo metadata schema
 FEEDFORWARD = ("train.json", "train_feedforward.json")  # a diffusion bundle's feed-forward twin (paper 001, E1)
 TWIN_WEIGHTS = "model_feedforward.pt"
+FIVE_ORGANS = ("liver", "spleen", "stomach", "aorta", "inferior vena cava")  # the 3D bundles' floors (issues 16, 19)
 
 __all__ = [
     "BUNDLES",
@@ -69,6 +70,21 @@ def run_bundle(bundle: str | Path, configs: Sequence[str] = ("inference.json",),
             bundle_root=str(root),
             **override,
         )
+
+
+def patient_b_dice(bundle: str | Path, tmp_path: Path, **override: Any) -> dict[str, float]:
+    """Per-class Dice of a 3D bundle's shipped weights on patient B (never trained on) against its TotalSegmentator
+    pseudo-labels, in the bundle's evaluation grid: its ``prepare_data.py`` then ``train.json`` + ``evaluate.json``
+    with the inference defaults. Returns class name → Dice (background excluded)."""
+    with bundle_imports(bundle):
+        from scripts.prepare_data import prepare
+    prepare(tmp_path / "data")
+    configs = ["train.json", "evaluate.json"]
+    run_bundle(bundle, configs, dataset_dir=str(tmp_path / "data"), output_dir=str(tmp_path), **override)
+    header, row = (line.split(",") for line in (tmp_path / "val_mean_dice_raw.csv").read_text().splitlines()[:2])
+    names = load_config(bundle, configs).get_parsed_content("channel_names")
+    assert header[1:] == [f"class{i}" for i in range(len(names))]  # MetricsSaver: background excluded
+    return {names[str(i + 1)]: float(row[i + 1]) for i in range(len(names))}
 
 
 def infer_images(

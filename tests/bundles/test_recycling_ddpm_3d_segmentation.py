@@ -13,6 +13,7 @@ import torch.nn as nn
 from bundle_testing import (
     BUNDLES,
     FEEDFORWARD,
+    FIVE_ORGANS,
     bad_volume_cases,
     bad_volume_folder,
     bundle_imports,
@@ -23,6 +24,7 @@ from bundle_testing import (
     error_text,
     infer_images,
     load_config,
+    patient_b_dice,
     random_ct,
     read_nifti,
     run_bundle,
@@ -38,7 +40,6 @@ CLASSES = 8
 IMGX_ALPHAS_CUMPROD = [0.9999, 0.52175, 0.077992, 0.0033189, 3.995e-5]
 IMGX_FIXED_LARGE = [1.0e-4, 0.478, 0.851, 0.957, 0.988]
 FLOORS = {"liver": 0.80, "aorta": 0.50}
-FIVE_ORGANS = ("liver", "spleen", "stomach", "aorta", "inferior vena cava")
 
 
 def tiny_weights(tmp_path, **override) -> str:
@@ -302,27 +303,18 @@ def test_demo_weights_segment_patient_b(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def patient_b_dice(tmp_path_factory) -> dict[str, float]:
-    """Per-class Dice of the shipped weights with the inference defaults (5 steps, 1 sample, seed 0) on patient B
-    (never trained on) against its TotalSegmentator pseudo-labels, in the evaluation grid (evaluate.json)."""
-    tmp_path = tmp_path_factory.mktemp("patient_b")
-    with bundle_imports(BUNDLE):
-        from scripts.prepare_data import prepare
-    prepare(tmp_path / "data")
-    run_bundle(BUNDLE, ["train.json", "evaluate.json"], dataset_dir=str(tmp_path / "data"), output_dir=str(tmp_path))
-    header, row = (line.split(",") for line in (tmp_path / "val_mean_dice_raw.csv").read_text().splitlines()[:2])
-    assert header[1:CLASSES] == [f"class{i}" for i in range(CLASSES - 1)]  # MetricsSaver: background excluded
-    names = load_config(BUNDLE, ["train.json"]).get_parsed_content("channel_names")
-    return {names[str(i + 1)]: float(row[i + 1]) for i in range(CLASSES - 1)}
+def b_dice(tmp_path_factory) -> dict[str, float]:
+    """The shipped weights' per-class Dice on patient B, inference defaults (5 steps, 1 sample, seed 0)."""
+    return patient_b_dice(BUNDLE, tmp_path_factory.mktemp("patient_b"))
 
 
 @pytest.mark.slow
 @pytest.mark.data
-def test_shipped_weights_meet_the_patient_b_floors(patient_b_dice):
+def test_shipped_weights_meet_the_patient_b_floors(b_dice):
     """Issue 16's floors: liver ≥ 0.80, aorta ≥ 0.50 and the five-organ mean ≥ 0.50 (the spleen's: below)."""
     for organ, floor in FLOORS.items():
-        assert patient_b_dice[organ] >= floor, (organ, patient_b_dice)
-    assert np.mean([patient_b_dice[o] for o in FIVE_ORGANS]) >= 0.50, patient_b_dice
+        assert b_dice[organ] >= floor, (organ, b_dice)
+    assert np.mean([b_dice[o] for o in FIVE_ORGANS]) >= 0.50, b_dice
 
 
 @pytest.mark.slow
@@ -332,9 +324,9 @@ def test_shipped_weights_meet_the_patient_b_floors(patient_b_dice):
     reason="the 0.3.0 weights (3,600 iterations, 138 of 150 minutes) give spleen Dice 0.443; the spleen swings "
     "between 0.09 and 0.57 over the run's validations from 30 minutes on (issue 16)",
 )
-def test_shipped_weights_meet_the_spleen_floor(patient_b_dice):
+def test_shipped_weights_meet_the_spleen_floor(b_dice):
     """Issue 16's spleen floor: Dice ≥ 0.60 on patient B."""
-    assert patient_b_dice["spleen"] >= 0.60, patient_b_dice
+    assert b_dice["spleen"] >= 0.60, b_dice
 
 
 @pytest.mark.slow
