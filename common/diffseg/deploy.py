@@ -350,12 +350,13 @@ def _read(model: BundleModel, case: Case, source: str) -> dict:
 
 
 def _reason(exc: BaseException) -> str:
-    """The innermost message of a (MONAI-wrapped) exception chain, with the transform that raised it."""
+    """The innermost message of a (MONAI-wrapped) exception chain, with the transform that raised it; an error
+    raised ``from None`` (a clearer message in place of torch's) ends the chain."""
     inner, step = exc, ""
     while True:
         match = re.search(r"applying transform <([\w.]+)", str(inner))
         step = match.group(1).rsplit(".", 1)[-1] if match else step
-        nxt = inner.__cause__ or inner.__context__
+        nxt = inner.__cause__ or (None if inner.__suppress_context__ else inner.__context__)  # `raise … from None`
         if nxt is None:
             break
         inner = nxt

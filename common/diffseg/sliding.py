@@ -40,21 +40,11 @@ def fit_window(roi_size: Sequence[int] | int, spatial: Sequence[int], size_divis
     """The window for an image of spatial size ``spatial``: ``roi_size`` shrunk, axis by axis, to the image size
     rounded up to a multiple of ``size_divisible`` (the network's total downsampling): a thin volume gets a thin
     window (8 slices, roi 32, divisibility 8: 8 slices), padded by at most ``size_divisible - 1`` voxels per axis.
-    A window no axis of which exceeds ``size_divisible`` is refused with a ``ValueError`` (a one-voxel bottom level).
     ``fit_window(roi (D,) or int, spatial (D,), m) -> window (D,)``."""
     if size_divisible < 1:
         raise ValueError(f"size_divisible={size_divisible} must be >= 1")
     roi = ensure_tuple_rep(roi_size, len(spatial))
-    window = [min(int(r), -(-int(s) // size_divisible) * size_divisible) for r, s in zip(roi, spatial, strict=True)]
-    if size_divisible > 1 and all(w <= size_divisible for w in window):
-        raise ValueError(
-            f"an image of spatial size {tuple(int(s) for s in spatial)} (as the network gets it, after any "
-            f"resampling) is too small for this network: its window {window} fits in one step of the total "
-            f"downsampling ({size_divisible}) on every axis, so the deepest level would be a single voxel (instance / "
-            "group norm needs more than one); resample the image to a finer grid, or give a roi_size larger than the "
-            "downsampling on at least one axis"
-        )
-    return window
+    return [min(int(r), -(-int(s) // size_divisible) * size_divisible) for r, s in zip(roi, spatial, strict=True)]
 
 
 def pad_spatial(
@@ -197,7 +187,16 @@ class WindowConsistentInferer(Inferer):
             raise ValueError("window-consistent sampling works in pixel space only (no latent_decoder)")
         roi = fit_window(self.roi_size, inputs.shape[2:], self.size_divisible)  # never beyond the rounded image
         window = WindowedDenoiser(segmenter.denoiser, roi, **self.window_args)
-        out = segmenter.predict(inputs, denoiser=window)
+        try:
+            out = segmenter.predict(inputs, denoiser=window)
+        except ValueError as error:  # torch's instance norm on a one-voxel level, deep inside the network
+            if "more than 1 spatial element" not in str(error):
+                raise
+            raise ValueError(
+                f"an image of spatial size {tuple(inputs.shape[2:])} (as the network gets it, after any resampling) "
+                f"is too small for this network: its window {roi} leaves a single voxel at a level where the network "
+                "normalises over space; resample the image to a finer grid, or check that it is the intended image"
+            ) from None
         segmenter.last_uncertainty, segmenter.last_samples = out.uncertainty, out.samples
         return convert_to_dst_type(out.probs, inputs)[0]  # a MetaTensor input's metadata travels on (Invertd)
 

@@ -72,18 +72,18 @@ def run_bundle(bundle: str | Path, configs: Sequence[str] = ("inference.json",),
         )
 
 
-def patient_b_dice(bundle: str | Path, tmp_path: Path, **override: Any) -> dict[str, float]:
+def patient_b_dice(bundle: str | Path, tmp_path: Path, extra: Sequence[str] = (), **override: Any) -> dict[str, float]:
     """Per-class Dice of a 3D bundle's shipped weights on patient B (never trained on) against its TotalSegmentator
-    pseudo-labels, in the bundle's evaluation grid: its ``prepare_data.py`` then ``train.json`` + ``evaluate.json``
-    with the inference defaults. Returns class name → Dice (background excluded)."""
+    pseudo-labels, in the bundle's evaluation grid: its ``prepare_data.py`` then ``train.json`` + ``extra`` configs
+    (e.g. the twin's) + ``evaluate.json`` with the inference defaults. Returns class name → Dice (no background)."""
     with bundle_imports(bundle):
         from scripts.prepare_data import prepare
     prepare(tmp_path / "data")
-    configs = ["train.json", "evaluate.json"]
+    configs = ["train.json", *extra, "evaluate.json"]
     run_bundle(bundle, configs, dataset_dir=str(tmp_path / "data"), output_dir=str(tmp_path), **override)
     header, row = (line.split(",") for line in (tmp_path / "val_mean_dice_raw.csv").read_text().splitlines()[:2])
     names = load_config(bundle, configs).get_parsed_content("channel_names")
-    assert header[1:] == [f"class{i}" for i in range(len(names))]  # MetricsSaver: background excluded
+    assert header[1 : 1 + len(names)] == [f"class{i}" for i in range(len(names))]  # MetricsSaver: no background
     return {names[str(i + 1)]: float(row[i + 1]) for i in range(len(names))}
 
 

@@ -322,11 +322,22 @@ def test_shipped_weights_meet_the_patient_b_floors(b_dice):
 @pytest.mark.xfail(
     strict=True,
     reason="the 0.3.0 weights (3,600 iterations, 138 of 150 minutes) give spleen Dice 0.443; the spleen swings "
-    "between 0.09 and 0.57 over the run's validations from 30 minutes on (issue 16)",
+    "between 0.09 and 0.57 over the run's validations from 30 minutes on, while the feed-forward twin's settles at "
+    "0.58-0.70 from 70 minutes on (0.656 at the end; issue 16)",
 )
 def test_shipped_weights_meet_the_spleen_floor(b_dice):
     """Issue 16's spleen floor: Dice ≥ 0.60 on patient B."""
     assert b_dice["spleen"] >= 0.60, b_dice
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_shipped_feedforward_twin_on_patient_b(tmp_path):
+    """The twin (models/model_feedforward.pt, same recipe and budget): the card's spleen 0.656 and five-organ mean
+    0.541 — the spleen floor is within reach of this data and network, and paper 001's ~0.02 gap is measurable."""
+    twin = patient_b_dice(BUNDLE, tmp_path, extra=FEEDFORWARD[1:])
+    assert twin["spleen"] >= 0.60, twin
+    assert np.mean([twin[o] for o in FIVE_ORGANS]) >= 0.52, twin
 
 
 @pytest.mark.slow
