@@ -149,9 +149,9 @@ class WindowNormDenoiser(ConditionalDenoiser):
         return torch.cat([-features, features], dim=1)
 
 
-def window_norm_segmenter() -> DiffusionSegmenter:
+def window_norm_segmenter(denoiser: ConditionalDenoiser | None = None) -> DiffusionSegmenter:
     sched = DDPMSampler(5, "respaced_beta", prediction_type="sample")
-    return DiffusionSegmenter(WindowNormDenoiser(), sched, OneHotCodec(2), logits_output=True, seed=0)
+    return DiffusionSegmenter(denoiser or WindowNormDenoiser(), sched, OneHotCodec(2), logits_output=True, seed=0)
 
 
 class InstanceNormDenoiser(WindowNormDenoiser):
@@ -162,8 +162,7 @@ class InstanceNormDenoiser(WindowNormDenoiser):
 
 
 def test_an_image_too_small_for_the_network_gets_an_error_naming_its_size():
-    sched = DDPMSampler(5, "respaced_beta", prediction_type="sample")
-    seg = DiffusionSegmenter(InstanceNormDenoiser(), sched, OneHotCodec(2), logits_output=True, seed=0)
+    seg = window_norm_segmenter(InstanceNormDenoiser())
     inferer = WindowConsistentInferer((16, 16, 16))
     assert inferer(torch.rand(1, 1, 3, 2, 2), seg).shape == (1, 2, 3, 2, 2)
     with pytest.raises(
