@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from bundle_testing import (
     BUNDLES,
+    FIVE_ORGANS,
     bad_volume_cases,
     bad_volume_folder,
     bundle_imports,
@@ -22,6 +23,7 @@ from bundle_testing import (
     error_text,
     infer_images,
     load_config,
+    patient_b_dice,
     read_nifti,
     run_bundle,
     run_torchrun,
@@ -290,6 +292,30 @@ def test_coordinates_follow_the_affine_when_the_orientation_flips():
     torch.testing.assert_close(coordinates(array, flipped)[1:], coords[1:])
 
 
+def test_in_plane_coordinates_keep_the_chosen_scanner_axes_and_the_configs_size_the_backbone_input():
+    array = ct((20, 16, 12))
+    coords = coordinates(array, SPACING)
+    torch.testing.assert_close(coordinates(array, SPACING, axes=(0, 1)), coords[:2])
+    torch.testing.assert_close(coordinates(array, SPACING, axes=(2, 0)), coords[[2, 0]])
+    for axes in [(), (0, 0), (1, 3)]:
+        with pytest.raises(ValueError, match="distinct scanner axes among 0, 1, 2"):
+            coordinates(array, SPACING, axes=axes)
+    for configs in [("inference.json",), ("pretrain.json",), ("train.json",)]:
+        assert parsed("backbone", configs, coordinate_axes=[0, 1]).in_channels == 3  # image + 2 coordinates
+        assert parsed("backbone", configs).in_channels == 4
+
+
+def test_the_body_box_of_the_largest_component_leaves_the_table_out():
+    array = ct((20, 16, 12))  # body at y = 2..13, air at y = 14, 15
+    with_table = array.copy()
+    with_table[:, 15, :] = 0.0  # a table under the whole image, not touching the body
+    body = coordinates(with_table, SPACING, largest_component=True)
+    torch.testing.assert_close(body, coordinates(array, SPACING))  # as if there were no table
+    stretched = coordinates(with_table, SPACING)
+    assert float(body[1, 5, 13, 5]) == pytest.approx(1.0)  # the body's last row
+    assert float(stretched[1, 5, 13, 5]) == pytest.approx((13 - 2) / (15 - 2) * 2 - 1)  # the table widened the box
+
+
 def test_external_coordinate_maps_are_loaded_per_image_and_resampled(tmp_path):
     image_path = write_nifti(tmp_path / "img" / "case.nii.gz", ct((10, 8, 6)), SPACING)
     regressor = np.stack(np.meshgrid(*(np.linspace(0, 1, s) for s in (5, 4, 3)), indexing="ij"), -1)  # (5, 4, 3, 3)
@@ -380,6 +406,48 @@ def test_feature_cache_keeps_k_noise_draws_per_volume_and_batches_sample_among_t
         CachedFeaturePrepareBatch(net, patch_size=[8, 8, 8], draws=0)
 
 
+def test_feature_cache_draws_see_the_augmented_image_and_the_untouched_coordinates():
+    with bundle_imports(BUNDLE):
+        from scripts.probe import CachedFeaturePrepareBatch
+    net = parsed("network_def").eval()
+    net.extractor.backbone = per_voxel_backbone(4)
+    calls = []
+
+    def brighter(x: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return x + 0.5
+
+    prepare = CachedFeaturePrepareBatch(net, patch_size=[8, 8, 8], draws=3, augment=brighter)
+    image = torch.rand(1, 4, 16, 16, 16) * 2 - 1
+    augmented = prepare.augmented(image)
+    torch.testing.assert_close(augmented[:, :1], image[:, :1] + 0.5)
+    torch.testing.assert_close(augmented[:, 1:], image[:, 1:])  # coordinates are not intensities
+    calls.clear()
+    torch.manual_seed(0)
+    pyramids, _ = prepare.volume(image, torch.zeros(1, 1, 16, 16, 16, dtype=torch.long))
+    assert calls == [(1, 16, 16, 16)] * 3  # once per draw, on the image channel only
+    torch.manual_seed(0)
+    for pyramid in pyramids:
+        for cached, expected in zip(pyramid, net.features(augmented, net.draw_noise(image, fresh=True)), strict=True):
+            torch.testing.assert_close(cached, expected)
+    # train.json's draw augmentation (intensity_prob): off by default, scale / shift / contrast when on
+    x = torch.rand(1, 16, 16, 16) * 2 - 1
+    torch.testing.assert_close(parsed("train#draw_augment", ["train.json"])(x.clone()), x)
+    assert not torch.allclose(parsed("train#draw_augment", ["train.json"], intensity_prob=1.0)(x.clone()), x)
+
+
+def test_training_volumes_are_padded_to_the_air_canvas(tmp_path):
+    """pad_size: the training CT is padded with air (-1 after the HU window) to at least this size, label with 0."""
+    write_dataset(tmp_path / "data", n=1)
+    common = train_common(tmp_path, "unused")
+    data = parsed("train_datalist", ["train.json"], **common)[0]
+    out = parsed("train#preprocessing", ["train.json"], **common, feature_cache=True, pad_size=[48, 44, 0])(data)
+    image, label = out["image"], out["label"]
+    assert image.shape[1:] == (48, 44, 20) and label.shape[1:] == (48, 44, 20)
+    assert float(image[0, :4].max()) == -1.0 and float(image[0, :, :2].max()) == -1.0 and int(label[0, :4].max()) == 0
+    assert int((label == 5).sum()) == 12 * 12 * 8  # the labelled box survives the padding intact
+
+
 # ---- end to end ------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.data
@@ -392,6 +460,21 @@ def test_demo_weights_segment_patient_b(tmp_path):
     values, counts = np.unique(np.asarray(label.dataobj), return_counts=True)
     assert set(values.tolist()) <= set(range(CLASSES)) and {0, 5}.issubset(set(values.tolist()))
     assert counts[values.tolist().index(5)] > 50_000  # liver (pseudo-label: 367k voxels)
+
+
+@pytest.mark.slow
+@pytest.mark.data
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 19: the shipped backbone saw a few hundred pretraining iterations and the head one cached noise "
+    "draw (liver 0.16-0.23 on patient B); the retrained weights land with this test's marker removed",
+)
+def test_shipped_weights_meet_the_patient_b_floors(tmp_path):
+    """Issue 19's floors on patient B (never trained on, not in the pretraining data either): liver ≥ 0.75 and the
+    mean over liver, spleen, stomach, aorta and IVC ≥ 0.45, evaluation grid, inference defaults."""
+    dice = patient_b_dice(BUNDLE, tmp_path)
+    assert dice["liver"] >= 0.75, dice
+    assert np.mean([dice[o] for o in FIVE_ORGANS]) >= 0.45, dice
 
 
 @pytest.mark.slow

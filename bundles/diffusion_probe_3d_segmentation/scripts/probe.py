@@ -10,13 +10,13 @@
   The head then runs once on the averaged pyramid. Seeded noise in eval mode → deterministic output.
 - :class:`ProbeLoss`: cross-entropy + foreground Dice (``diffseg.ForegroundDiceLoss``).
 - :class:`CachedFeaturePrepareBatch`: the CPU option of ``train.json`` (``feature_cache``): the frozen pyramid of each
-  whole training volume is computed for ``feature_cache_draws`` noise draws (window-averaged) and the head trains on
-  crops of one of them per batch.
+  whole training volume is computed for ``feature_cache_draws`` noise draws (window-averaged), each of an optionally
+  intensity-augmented copy of the image, and the head trains on crops of one of them per batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -26,6 +26,7 @@ from diffseg.sliding import fit_window, pad_spatial
 from monai.inferers import sliding_window_inference
 from monai.networks.blocks import ADN, Convolution
 from monai.networks.utils import one_hot
+from monai.transforms import Randomizable
 from monai.utils import convert_to_dst_type, convert_to_tensor
 
 __all__ = [
@@ -305,6 +306,8 @@ class CachedFeaturePrepareBatch:
         foreground_ratio: share of foreground-anchored crops.
         image_key, label_key: batch keys.
         draws: noise draws cached per volume (1 = one draw, as before).
+        augment: applied to the image channels (C_img, *S) before each draw (e.g. MONAI's ``RandShiftIntensity``), so
+            the draws differ in intensity as well as in noise; the coordinate channels are left as they are.
 
     Returns ``(pyramid crops [coarse … fine], label crops (num_samples, 1, *patch))``; batches hold one volume.
 
@@ -323,6 +326,7 @@ class CachedFeaturePrepareBatch:
         image_key: str = "image",
         label_key: str = "label",
         draws: int = 8,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if draws < 1:
             raise ValueError(f"draws={draws} must be >= 1")
@@ -330,7 +334,7 @@ class CachedFeaturePrepareBatch:
         divisor = segmenter.backbone.size_divisor
         if any(p % divisor for p in self.patch_size):
             raise ValueError(f"patch_size {self.patch_size} must be a multiple of the size divisor {divisor}")
-        self.num_samples, self.foreground_ratio = num_samples, foreground_ratio
+        self.num_samples, self.foreground_ratio, self.augment = num_samples, foreground_ratio, augment
         self.image_key, self.label_key = image_key, label_key
         # file name → (pyramids of the draws [draw][coarse … fine], padded label, class voxels)
         self.cache: dict[str, tuple[list[list[torch.Tensor]], torch.Tensor, dict[int, torch.Tensor]]] = {}
@@ -343,11 +347,21 @@ class CachedFeaturePrepareBatch:
         target = [max(-(-s // divisor) * divisor, p) for s, p in zip(image.shape[2:], self.patch_size, strict=True)]
         mode = self.segmenter.padding_mode
         image, label = pad_spatial(image, target, mode)[0], pad_spatial(label, target, mode)[0]
-        pyramids = [
-            [f.detach() for f in self.segmenter.features(image, self.segmenter.draw_noise(image, fresh=True))]
-            for _ in range(self.draws)
-        ]
+        if isinstance(self.augment, Randomizable):  # seeded from the global generator, like the noise
+            self.augment.set_random_state(seed=int(torch.randint(2**31 - 1, ())))
+        pyramids = []
+        for _ in range(self.draws):
+            x = self.augmented(image)
+            pyramids.append([f.detach() for f in self.segmenter.features(x, self.segmenter.draw_noise(x, fresh=True))])
         return pyramids, label
+
+    def augmented(self, image: torch.Tensor) -> torch.Tensor:
+        """(1, C, *S) with ``augment`` applied to the first ``image_channels`` channels (as it is without one)."""
+        if self.augment is None:
+            return image
+        x, ic = _plain(image), self.segmenter.extractor.image_channels
+        channels = convert_to_tensor(self.augment(x[0, :ic]), track_meta=False).to(x)
+        return torch.cat([channels[None], x[:, ic:]], dim=1)
 
     @staticmethod
     def class_voxels(label: torch.Tensor) -> dict[int, torch.Tensor]:
