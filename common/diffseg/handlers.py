@@ -260,12 +260,14 @@ class TrainingCheckpoint:
             self.save_dict["scaler"] = engine.scaler
         if self.resume:
             engine.add_event_handler(Events.STARTED, self.load)
-        if self.save_minutes is not None:
-            engine.add_event_handler(Events.ITERATION_COMPLETED(event_filter=self.clock.every(self.save_minutes)), self)
-        engine.add_event_handler(Events.STARTED, self._save_last)
+        engine.add_event_handler(Events.STARTED, self._register_saves)
 
-    def _save_last(self, engine: Engine) -> None:
-        """The end-of-run save goes after every other ``COMPLETED`` handler (the final validation included)."""
+    def _register_saves(self, engine: Engine) -> None:
+        """The saves go after every other handler of their event, whatever the handlers' order in the config: the
+        periodic one after the iteration's EMA update and curve row (a run killed right after it loses nothing of
+        that iteration), the end-of-run one after the final validation."""
+        if self.save_minutes is not None and not engine.has_event_handler(self, Events.ITERATION_COMPLETED):
+            engine.add_event_handler(Events.ITERATION_COMPLETED(event_filter=self.clock.every(self.save_minutes)), self)
         if not engine.has_event_handler(self, Events.COMPLETED):
             engine.add_event_handler(Events.COMPLETED, self)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import signal
 from pathlib import Path
 
@@ -295,3 +296,34 @@ def test_every_counts_minutes_from_the_end_of_the_previous_firing():
         clock.now = now
         fired.append(due(None, 0))
     assert fired == [False, False, True, False, False, True]
+
+
+def test_a_periodic_checkpoint_holds_its_iteration_entirely_and_resumes_as_one_run(tmp_path, monkeypatch):
+    """The periodic save runs after the iteration's other handlers (EMA update, curve row) whatever their order in
+    the config: a run killed right after it loses nothing, and resuming from it gives the weights of one run."""
+    whole, periodic, killed = tmp_path / "whole", tmp_path / "periodic", tmp_path / "killed"
+    trainer, _ = make_run(whole, max_epochs=4, val_interval=0)
+    trainer.run()
+
+    save = TrainingCheckpoint.__call__
+
+    def save_and_snapshot(self, engine):  # a copy of the files as a SIGKILL right after this save would leave them
+        save(self, engine)
+        if engine.state.iteration == 2 * EPOCH and not killed.exists():
+            shutil.copytree(periodic, killed)
+
+    monkeypatch.setattr(TrainingCheckpoint, "__call__", save_and_snapshot)
+    trainer, _ = make_run(periodic, max_epochs=4, ckpt_minutes=1e-9, val_interval=0)
+    trainer.run()
+    monkeypatch.undo()
+    assert killed.is_dir()
+    state = torch.load(killed / "model.checkpoint.pt", weights_only=True)
+    assert state["trainer"]["iteration"] == 2 * EPOCH and int(state["ema"]["n_averaged"]) == 2 * EPOCH
+    assert [r["iteration"] for r in read_curve(killed / "curve" / "curve.csv") if "loss" in r] == [1, 2, 3, 4]
+
+    resumed, _ = make_run(killed, max_epochs=4, resume=True, val_interval=0)
+    resumed.run()
+    a, b = (torch.load(d / "model.pt", weights_only=True) for d in (whole, killed))
+    assert max((a[n] - b[n]).abs().max().item() for n in a) < 1e-6
+    rows = read_curve(killed / "curve" / "curve.csv")
+    assert [r["iteration"] for r in rows if "loss" in r] == list(range(1, 4 * EPOCH + 1))
