@@ -395,7 +395,8 @@ def test_feature_cache_keeps_k_noise_draws_per_volume_and_batches_sample_among_t
         crops, labels = prepare({"image": image, "label": label})
         used.append(prepare.last_draw)
     assert [c.shape[2:] for c in crops] == [(1, 1, 1), (2, 2, 2), (4, 4, 4), (8, 8, 8)] and labels.shape[0] == 1
-    ((pyramids, _, _),) = prepare.cache.values()
+    (cached_draws,) = prepare.cache.values()
+    pyramids = [pyramid for pyramid, _, _ in cached_draws]
     assert len(pyramids) == draws
     torch.manual_seed(0)  # draw k is the k-th noise draw of the seeded global generator: a seeded run is reproducible
     for pyramid in pyramids:
@@ -438,15 +439,57 @@ def test_feature_cache_draws_see_the_augmented_image_and_the_untouched_coordinat
     assert not torch.allclose(parsed("train#draw_augment", ["train.json"], intensity_prob=1.0)(x.clone()), x)
 
 
+def test_each_feature_cache_draw_sees_its_own_field_of_view_of_image_and_label():
+    """view_min_size: before each draw, image and label are cropped alike to a random size between view_min_size and
+    the volume (MONAI RandSpatialCropd); the draw's features are those of that view, its crops come from its label."""
+    with bundle_imports(BUNDLE):
+        from scripts.probe import CachedFeaturePrepareBatch
+    net = parsed("network_def").eval()
+    net.extractor.backbone = per_voxel_backbone(4)
+    assert parsed("train#draw_view", ["train.json"]) is None  # off by default: every draw sees the whole volume
+    view = parsed("train#draw_view", ["train.json"], view_min_size=[16, 8, 8])
+    prepare = CachedFeaturePrepareBatch(net, patch_size=[8, 8, 8], draws=6, view=view)
+    image = torch.rand(1, 4, 32, 24, 16) * 2 - 1
+    image[:, 1] = torch.arange(32 * 24 * 16, dtype=torch.float32).reshape(32, 24, 16)  # a voxel id channel
+    label = torch.randint(0, 3, (1, 1, 32, 24, 16))
+    seen = []
+    features = net.features
+    net.features = lambda x, noise: seen.append(x) or features(x, noise)
+    torch.manual_seed(0)
+    pyramids, labels = prepare.volume(image, label)
+    assert len(pyramids) == len(labels) == len(seen) == 6
+    sizes = set()
+    for x, pyramid, y in zip(seen, pyramids, labels, strict=True):
+        assert pyramid[-1].shape[2:] == y.shape[2:] == x.shape[2:] and all(s % 8 == 0 for s in y.shape[2:])
+        first = int(x[0, 1, 0, 0, 0])
+        start = (first // (24 * 16), first // 16 % 24, first % 16)
+        ids = x[0, 1].long() - first  # inside the view: the offset's id; in the edge-replicated padding: not
+        size = tuple(
+            int((line == torch.arange(len(line)) * step).sum())
+            for line, step in ((ids[:, 0, 0], 384), (ids[0, :, 0], 16), (ids[0, 0, :], 1))
+        )
+        box = tuple(slice(st, st + n) for st, n in zip(start, size, strict=True))
+        inner = tuple(slice(0, n) for n in size)
+        torch.testing.assert_close(x[(0, slice(None), *inner)], image[(0, slice(None), *box)])
+        assert torch.equal(y[(0, 0, *inner)], label[(0, 0, *box)])
+        assert 32 >= size[0] >= 16 and 24 >= size[1] >= 8 and 16 >= size[2] >= 8
+        sizes.add(size)
+    assert len(sizes) > 1
+
+
 def test_training_volumes_are_padded_to_the_air_canvas(tmp_path):
-    """pad_size: the training CT is padded with air (-1 after the HU window) to at least this size, label with 0."""
+    """pad_size: the training CT is padded with air (-1000 HU after the HU window, not the window's floor -1350 HU,
+    which no scan of the evaluation has) to at least this size, label with 0."""
     write_dataset(tmp_path / "data", n=1)
     common = train_common(tmp_path, "unused")
     data = parsed("train_datalist", ["train.json"], **common)[0]
     out = parsed("train#preprocessing", ["train.json"], **common, feature_cache=True, pad_size=[48, 44, 0])(data)
     image, label = out["image"], out["label"]
     assert image.shape[1:] == (48, 44, 20) and label.shape[1:] == (48, 44, 20)
-    assert float(image[0, :4].max()) == -1.0 and float(image[0, :, :2].max()) == -1.0 and int(label[0, :4].max()) == 0
+    air = (-1000 + 1350) / 2350 * 2 - 1  # -0.702
+    for frame in (image[0, :4], image[0, :, :2]):
+        assert (float(frame.min()), float(frame.max())) == pytest.approx((air, air), abs=1e-6)
+    assert int(label[0, :4].max()) == 0
     assert int((label == 5).sum()) == 12 * 12 * 8  # the labelled box survives the padding intact
 
 

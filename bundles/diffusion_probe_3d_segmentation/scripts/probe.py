@@ -308,6 +308,10 @@ class CachedFeaturePrepareBatch:
         draws: noise draws cached per volume (1 = one draw, as before).
         augment: applied to the image channels (C_img, *S) before each draw (e.g. MONAI's ``RandShiftIntensity``), so
             the draws differ in intensity as well as in noise; the coordinate channels are left as they are.
+        view: a random dict transform of ``{image_key: (C, *S), label_key: (1, *S)}`` applied before each draw (e.g.
+            MONAI's ``RandSpatialCropd`` with ``random_size``), so that each draw sees the volume in its own field of
+            view: the window-averaged features of a voxel depend on the windows' context (how much air, how many
+            slices), and a head fitted on one field of view reads another one's features badly.
 
     Returns ``(pyramid crops [coarse … fine], label crops (num_samples, 1, *patch))``; batches hold one volume.
 
@@ -327,6 +331,7 @@ class CachedFeaturePrepareBatch:
         label_key: str = "label",
         draws: int = 8,
         augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        view: Callable[[dict], dict] | None = None,
     ) -> None:
         if draws < 1:
             raise ValueError(f"draws={draws} must be >= 1")
@@ -335,25 +340,31 @@ class CachedFeaturePrepareBatch:
         if any(p % divisor for p in self.patch_size):
             raise ValueError(f"patch_size {self.patch_size} must be a multiple of the size divisor {divisor}")
         self.num_samples, self.foreground_ratio, self.augment = num_samples, foreground_ratio, augment
-        self.image_key, self.label_key = image_key, label_key
-        # file name → (pyramids of the draws [draw][coarse … fine], padded label, class voxels)
-        self.cache: dict[str, tuple[list[list[torch.Tensor]], torch.Tensor, dict[int, torch.Tensor]]] = {}
+        self.view, self.image_key, self.label_key = view, image_key, label_key
+        # file name → per draw: (pyramid [coarse … fine], its padded label, class voxels)
+        self.cache: dict[str, list[tuple[list[torch.Tensor], torch.Tensor, dict[int, torch.Tensor]]]] = {}
         self.last_draw = 0  # the draw the last batch was cropped from
 
-    def volume(self, image: torch.Tensor, label: torch.Tensor) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
-        """(``draws`` pyramids, label) of one whole volume (1, C, *S), padded to a multiple of the size divisor and at
-        least ``patch_size``; image and label padded alike (``segmenter.padding_mode``, edge replication)."""
-        divisor = self.segmenter.backbone.size_divisor
-        target = [max(-(-s // divisor) * divisor, p) for s, p in zip(image.shape[2:], self.patch_size, strict=True)]
-        mode = self.segmenter.padding_mode
-        image, label = pad_spatial(image, target, mode)[0], pad_spatial(label, target, mode)[0]
-        if isinstance(self.augment, Randomizable):  # seeded from the global generator, like the noise
-            self.augment.set_random_state(seed=int(torch.randint(2**31 - 1, ())))
-        pyramids = []
+    def volume(self, image: torch.Tensor, label: torch.Tensor) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+        """(``draws`` pyramids, their labels) of one whole volume (1, C, *S): each draw's ``view`` of it (the whole
+        volume without one), padded to a multiple of the size divisor and at least ``patch_size``; image and label
+        padded alike (``segmenter.padding_mode``, edge replication)."""
+        for transform in (self.augment, self.view):
+            if isinstance(transform, Randomizable):  # seeded from the global generator, like the noise
+                transform.set_random_state(seed=int(torch.randint(2**31 - 1, ())))
+        divisor, mode = self.segmenter.backbone.size_divisor, self.segmenter.padding_mode
+        pyramids, labels = [], []
         for _ in range(self.draws):
-            x = self.augmented(image)
+            img, lab = image, label
+            if self.view is not None:
+                viewed = self.view({self.image_key: _plain(image[0]), self.label_key: _plain(label[0])})
+                img, lab = (_plain(viewed[k])[None].to(image.device) for k in (self.image_key, self.label_key))
+            shape = img.shape[2:]
+            target = [max(-(-s // divisor) * divisor, p) for s, p in zip(shape, self.patch_size, strict=True)]
+            x = self.augmented(pad_spatial(img, target, mode)[0])
             pyramids.append([f.detach() for f in self.segmenter.features(x, self.segmenter.draw_noise(x, fresh=True))])
-        return pyramids, label
+            labels.append(pad_spatial(lab, target, mode)[0])
+        return pyramids, labels
 
     def augmented(self, image: torch.Tensor) -> torch.Tensor:
         """(1, C, *S) with ``augment`` applied to the first ``image_channels`` channels (as it is without one)."""
@@ -398,11 +409,11 @@ class CachedFeaturePrepareBatch:
             raise ValueError(f"feature cache batches must hold one whole volume, got batch size {image.shape[0]}")
         key = str(getattr(image, "meta", {}).get("filename_or_obj", ["volume"])[0])
         if key not in self.cache:
-            pyramids, full_label = self.volume(image.to(device), label.to(device))
-            self.cache[key] = pyramids, full_label, self.class_voxels(full_label)
-        pyramids, full_label, class_voxels = self.cache[key]
-        self.last_draw = int(torch.randint(len(pyramids), ())) if len(pyramids) > 1 else 0
-        pyramid = pyramids[self.last_draw]
+            pyramids, labels = self.volume(image.to(device), label.to(device))
+            self.cache[key] = [(p, y, self.class_voxels(y)) for p, y in zip(pyramids, labels, strict=True)]
+        draws = self.cache[key]
+        self.last_draw = int(torch.randint(len(draws), ())) if len(draws) > 1 else 0
+        pyramid, full_label, class_voxels = draws[self.last_draw]
         factor = self.segmenter.backbone.size_divisor
         crops: list[list[torch.Tensor]] = [[] for _ in pyramid]
         labels = []
