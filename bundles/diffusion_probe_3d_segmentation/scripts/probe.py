@@ -409,8 +409,8 @@ class CachedFeaturePrepareBatch:
             raise ValueError(f"feature cache batches must hold one whole volume, got batch size {image.shape[0]}")
         key = str(getattr(image, "meta", {}).get("filename_or_obj", ["volume"])[0])
         if key not in self.cache:
-            pyramids, labels = self.volume(image.to(device), label.to(device))
-            self.cache[key] = [(p, y, self.class_voxels(y)) for p, y in zip(pyramids, labels, strict=True)]
+            pyramids, padded_labels = self.volume(image.to(device), label.to(device))
+            self.cache[key] = [(p, y, self.class_voxels(y)) for p, y in zip(pyramids, padded_labels, strict=True)]
         draws = self.cache[key]
         self.last_draw = int(torch.randint(len(draws), ())) if len(draws) > 1 else 0
         pyramid, full_label, class_voxels = draws[self.last_draw]
