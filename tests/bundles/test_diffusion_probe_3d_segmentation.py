@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from bundle_testing import (
     BUNDLES,
+    FEEDFORWARD,
     FIVE_ORGANS,
     bad_volume_cases,
     bad_volume_folder,
@@ -86,6 +87,13 @@ def test_shipped_weights_are_a_plain_state_dict_of_backbone_and_head():
     backbone = torch.load(BUNDLES / BUNDLE / "models" / "backbone.pt", weights_only=True)
     for key, value in backbone.items():  # the probe was trained on the shipped pretrained backbone
         torch.testing.assert_close(state["extractor.backbone." + key], value)
+    twin = torch.load(BUNDLES / BUNDLE / "models" / "model_feedforward.pt", weights_only=True)
+    with bundle_imports(BUNDLE):
+        twin_config = load_config(BUNDLE, ["inference.json", "inference_feedforward.json"])
+        twin_net = twin_config.get_parsed_content("network_def")
+    twin_net.load_state_dict(twin)  # strict: inference_feedforward.json is the twin's network (t = 0 features)
+    key = "extractor.backbone." + next(iter(backbone))
+    assert not torch.equal(twin[key], state[key])  # its backbone trained end to end, not the pretrained one
 
 
 def test_folder_inference_keeps_the_original_geometry(tmp_path):
@@ -234,6 +242,34 @@ def test_head_training_leaves_the_backbone_frozen(tmp_path, feature_cache):
     for key, value in loaded.items():  # the pretrained weights were loaded and stayed unchanged
         torch.testing.assert_close(after["extractor.backbone." + key], value, rtol=0, atol=0)
     assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith("head."))
+
+
+def test_feedforward_twin_trains_backbone_and_head_end_to_end_from_random_weights(tmp_path):
+    write_dataset(tmp_path / "data", n=1)
+    with bundle_imports(BUNDLE):
+        parser = load_config(BUNDLE, FEEDFORWARD, max_epochs=2, val_interval=0,
+                             **train_common(tmp_path, "/nowhere/backbone.pt"))  # fmt: skip
+        trainer = parser.get_parsed_content("train#trainer")
+        segmenter = parser.get_parsed_content("network")
+        handlers = parser.get_parsed_content("train#handlers")
+        clipping = next(h for h in handlers if type(h).__name__ == "GradientClipping")
+        modes = []
+        pyramid = segmenter.backbone.pyramid
+
+        def spy(*args, **kwargs):
+            modes.append((segmenter.backbone.training, torch.is_grad_enabled(), int(args[1][0])))
+            return pyramid(*args, **kwargs)
+
+        segmenter.backbone.pyramid = spy
+        before = {k: v.clone() for k, v in segmenter.state_dict().items()}
+        trainer.run()
+    assert modes and all(mode == (True, True, 0) for mode in modes)  # trained, with a graph, at t = 0 only
+    assert clipping.max_norm == 1.0 and clipping.last_norm is not None
+    after = torch.load(tmp_path / "ckpt" / "model_feedforward.pt", weights_only=True)
+    for part in ("extractor.backbone.", "head."):
+        assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(part)), part
+    assert parsed("times", ["inference.json", "inference_feedforward.json"]) == [0]
+    assert parsed("ckpt_path", ["inference.json", "inference_feedforward.json"]).endswith("models/model_feedforward.pt")
 
 
 def test_pretraining_and_head_training_stop_and_resume(tmp_path):
@@ -392,6 +428,22 @@ def test_field_of_view_shift_is_zero_for_local_features_and_not_for_the_groupnor
     assert feature_shift(net, x, [8, 8], air=-0.7) == pytest.approx([0.0] * 4, abs=1e-6)
 
 
+def test_reading_in_slabs_changes_nothing_for_local_features_and_does_for_the_groupnorm_backbone():
+    """scripts/field_of_view.py read_in_slabs: a thin series' reading of a thick volume, slab by slab."""
+    with bundle_imports(BUNDLE):
+        from scripts.field_of_view import read_in_slabs
+    net = parsed("network_def", roi_size=[16, 16, 24]).eval()
+    net.draw_noise = lambda x, fresh=False: torch.zeros(x.shape[0], 3, *x.shape[2:])  # no noise: features of x only
+    x = torch.rand(1, 3, 16, 16, 24) * 2 - 1
+    with torch.no_grad():
+        whole, slabs = net(x), read_in_slabs(net, x, 8)
+        assert slabs.shape == whole.shape == (1, CLASSES, 16, 16, 24)
+        assert not torch.allclose(slabs, whole, atol=1e-3)  # GroupNorm and the deep levels see only their slab
+        torch.testing.assert_close(read_in_slabs(net, x, 24), whole)
+        net.extractor.backbone = per_voxel_backbone(3, channels=(8, 8, 8, 8))  # coarse levels: aligned block means
+        torch.testing.assert_close(read_in_slabs(net, x, 8), net(x), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("draws", [8, 1])
 def test_feature_cache_keeps_k_noise_draws_per_volume_and_batches_sample_among_them(draws):
     with bundle_imports(BUNDLE):
@@ -452,15 +504,20 @@ def test_feature_cache_draws_see_the_augmented_image_and_the_untouched_coordinat
     assert not torch.allclose(parsed("train#draw_augment", ["train.json"], intensity_prob=1.0)(x.clone()), x)
 
 
-def test_each_feature_cache_draw_sees_its_own_field_of_view_of_image_and_label():
-    """view_min_size: before each draw, image and label are cropped alike to a random size between view_min_size and
-    the volume (MONAI RandSpatialCropd); the draw's features are those of that view, its crops come from its label."""
+@pytest.mark.parametrize(
+    ("view_min_size", "view_max_size", "low", "high"),
+    [([16, 8, 8], None, (16, 8, 8), (32, 24, 16)), ([-1, -1, 8], [-1, -1, 8], (32, 24, 8), (32, 24, 8))],
+)
+def test_each_feature_cache_draw_sees_its_own_field_of_view_of_image_and_label(view_min_size, view_max_size, low, high):
+    """view_min_size / view_max_size: before each draw, image and label are cropped alike to a random size between
+    the two (-1: the volume's size; no maximum: the volume) at a random place (MONAI RandSpatialCropd), e.g. thin
+    slabs of the whole plane; the draw's features are those of that view, its crops come from its label."""
     with bundle_imports(BUNDLE):
         from scripts.probe import CachedFeaturePrepareBatch
     net = parsed("network_def").eval()
     net.extractor.backbone = per_voxel_backbone(4)
     assert parsed("train#draw_view", ["train.json"]) is None  # off by default: every draw sees the whole volume
-    view = parsed("train#draw_view", ["train.json"], view_min_size=[16, 8, 8])
+    view = parsed("train#draw_view", ["train.json"], view_min_size=view_min_size, view_max_size=view_max_size)
     prepare = CachedFeaturePrepareBatch(net, patch_size=[8, 8, 8], draws=6, view=view)
     image = torch.rand(1, 4, 32, 24, 16) * 2 - 1
     image[:, 1] = torch.arange(32 * 24 * 16, dtype=torch.float32).reshape(32, 24, 16)  # a voxel id channel
@@ -485,9 +542,9 @@ def test_each_feature_cache_draw_sees_its_own_field_of_view_of_image_and_label()
         inner = tuple(slice(0, n) for n in size)
         torch.testing.assert_close(x[(0, slice(None), *inner)], image[(0, slice(None), *box)])
         assert torch.equal(y[(0, 0, *inner)], label[(0, 0, *box)])
-        assert 32 >= size[0] >= 16 and 24 >= size[1] >= 8 and 16 >= size[2] >= 8
-        sizes.add(size)
-    assert len(sizes) > 1
+        assert all(lo <= n <= hi for lo, n, hi in zip(low, size, high, strict=True)), size
+        sizes.add((size, start))
+    assert len(sizes) > 1  # the views differ (in size, or in place)
 
 
 def test_training_volumes_are_padded_to_the_air_canvas(tmp_path):
@@ -533,6 +590,17 @@ def test_shipped_weights_meet_the_patient_b_floors(tmp_path):
     dice = patient_b_dice(BUNDLE, tmp_path)
     assert dice["liver"] >= 0.75, dice
     assert np.mean([dice[o] for o in FIVE_ORGANS]) >= 0.45, dice
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_shipped_feedforward_twin_on_patient_b(tmp_path):
+    """The twin (models/model_feedforward.pt: the same backbone and head trained end to end from random weights on
+    patient A, the head's 45-minute budget): the card's liver 0.798 and five-organ mean 0.341 — the liver floor is
+    within reach of this data and network trained directly, the five-organ floor is not in that budget."""
+    twin = patient_b_dice(BUNDLE, tmp_path, extra=FEEDFORWARD[1:])
+    assert twin["liver"] >= 0.75, twin
+    assert np.mean([twin[o] for o in FIVE_ORGANS]) >= 0.32, twin
 
 
 @pytest.mark.slow

@@ -54,29 +54,34 @@ class DiffusionFeatureExtractor(nn.Module):
         scheduler: the pretraining schedule (``add_noise`` = q_sample).
         times: diffusion steps t (paper: 10, 30, 60 of T = 300).
         image_channels: leading input channels that are noised; the rest (coordinates) are passed as they are.
+        frozen: the backbone is a fixed feature extractor (paper 004); ``False`` = the feed-forward twin, the same
+            network trained end to end as a segmenter from its features.
 
     ``forward(x (B, image_channels + k, *S), noise (B, len(times)·image_channels, *S)) -> list`` of L tensors
-    (B, channels_l·len(times), *S_l), coarse to fine, computed without gradient.
+    (B, channels_l·len(times), *S_l), coarse to fine, computed without gradient when ``frozen``.
     """
 
     def __init__(
         self, backbone: nn.Module, scheduler: DiffusionScheduler, times: Sequence[int] = (10, 30, 60),
-        image_channels: int = 1,
+        image_channels: int = 1, frozen: bool = True,
     ) -> None:  # fmt: skip
         super().__init__()
         times = [int(t) for t in times]
         if not times or any(t < 0 or t >= scheduler.num_train_timesteps for t in times):
             raise ValueError(f"times={times} must be non-empty steps in [0, {scheduler.num_train_timesteps})")
         self.backbone, self.scheduler, self.times, self.image_channels = backbone, scheduler, times, image_channels
+        self.frozen = frozen
 
     @property
     def channels(self) -> list[int]:
         """Feature channels per level (coarse to fine) = backbone channels × len(times)."""
         return [c * len(self.times) for c in self.backbone.pyramid_channels]
 
-    @torch.no_grad()
     def forward(self, x: torch.Tensor, noise: torch.Tensor) -> list[torch.Tensor]:
-        x, noise = _plain(x), _plain(noise)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            return self._pyramid(_plain(x), _plain(noise))
+
+    def _pyramid(self, x: torch.Tensor, noise: torch.Tensor) -> list[torch.Tensor]:
         n, ic = len(self.times), self.image_channels
         image, coords = x[:, :ic], (x[:, ic:] if x.shape[1] > ic else None)
         b = image.shape[0]
@@ -183,7 +188,7 @@ class DiffusionProbeSegmenter(nn.Module):
     """Frozen diffusion backbone + multi-timestep features + trainable head: image → class logits.
 
     Args:
-        extractor: the frozen feature extractor (its parameters are set to ``requires_grad=False``).
+        extractor: the feature extractor; a ``frozen`` one gets ``requires_grad=False`` and stays in eval mode.
         head: the probing head (``in_channels == extractor.channels``).
         roi_size: window of the backbone on volumes larger than it (multiples of the backbone's size divisor).
         overlap: window overlap; window steps are rounded down to multiples of the backbone's size divisor.
@@ -193,8 +198,8 @@ class DiffusionProbeSegmenter(nn.Module):
         padding_mode: padding of the input up to a multiple of the size divisor (``diffseg.sliding.pad_spatial``:
             "replicate" = edge replication, not zeros, so a thin volume's window holds no empty slab).
 
-    ``forward(x (B, image_channels + k, *S)) -> logits (B, num_classes, *S)``. ``train()`` never leaves eval mode
-    for the backbone, and the backbone runs without gradient, so only the head learns.
+    ``forward(x (B, image_channels + k, *S)) -> logits (B, num_classes, *S)``. With a frozen extractor ``train()``
+    never leaves eval mode for the backbone, and the backbone runs without gradient, so only the head learns.
     """
 
     def __init__(
@@ -212,8 +217,9 @@ class DiffusionProbeSegmenter(nn.Module):
         self.extractor, self.head = extractor, head
         if list(getattr(head, "in_channels", extractor.channels)) != extractor.channels:
             raise ValueError(f"head in_channels {head.in_channels} != feature channels {extractor.channels}")
-        self.extractor.requires_grad_(False)
-        self.extractor.eval()
+        if extractor.frozen:
+            self.extractor.requires_grad_(False)
+            self.extractor.eval()
         self.roi_size, self.overlap, self.sw_batch_size = roi_size, overlap, sw_batch_size
         self.blend_mode, self.seed, self.padding_mode = blend_mode, seed, padding_mode
 
@@ -223,7 +229,8 @@ class DiffusionProbeSegmenter(nn.Module):
 
     def train(self, mode: bool = True) -> DiffusionProbeSegmenter:
         super().train(mode)
-        self.extractor.eval()  # frozen: GroupNorm/dropout of the backbone stay in inference mode
+        if self.extractor.frozen:
+            self.extractor.eval()  # GroupNorm/dropout of the frozen backbone stay in inference mode
         return self
 
     def draw_noise(self, x: torch.Tensor, fresh: bool = False) -> torch.Tensor:
@@ -253,7 +260,7 @@ class DiffusionProbeSegmenter(nn.Module):
             # finest first: MONAI 1.6.1 reuses the last resized weight map, so the full-size output must come first
             return tuple(self.extractor(window[:, :channels], window[:, channels:]))[::-1]
 
-        with torch.no_grad():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.extractor.frozen):
             out = sliding_window_inference(
                 torch.cat([x, noise], dim=1), roi, self.sw_batch_size, predictor, overlap, self.blend_mode,
             )  # fmt: skip
