@@ -58,8 +58,7 @@ def read_in_slabs(segmenter, x: torch.Tensor, depth: int) -> torch.Tensor:
 def _slab_report(parser, net, depths: Sequence[int]) -> None:
     """Five-organ Dice of the head on patient A's training canvas (``train#deterministic_transforms``), whole and in
     slabs of each depth."""
-    from monai.metrics import DiceMetric
-    from monai.networks.utils import one_hot
+    from diffseg.metrics import dice_per_class
     from monai.transforms import Compose
 
     item = Compose(parser.get_parsed_content("train#deterministic_transforms"))(
@@ -71,8 +70,7 @@ def _slab_report(parser, net, depths: Sequence[int]) -> None:
     for depth in (None, *depths):
         with torch.no_grad():
             logits = net(x) if depth is None else read_in_slabs(net, x, depth)
-        pred = one_hot(logits.argmax(1, keepdim=True), classes)
-        dice = DiceMetric(include_background=False, ignore_empty=True)(pred, one_hot(label.long(), classes))[0]
+        dice = dice_per_class(logits.argmax(1, keepdim=True), label, classes)[0]
         five = {o: float(dice[index[o]]) for o in FIVE_ORGANS}
         mean = sum(five.values()) / len(five)
         tag = f"slabs of {depth}" if depth else f"whole {tuple(x.shape[2:])}"

@@ -260,10 +260,9 @@ class DiffusionProbeSegmenter(nn.Module):
             # finest first: MONAI 1.6.1 reuses the last resized weight map, so the full-size output must come first
             return tuple(self.extractor(window[:, :channels], window[:, channels:]))[::-1]
 
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.extractor.frozen):
-            out = sliding_window_inference(
-                torch.cat([x, noise], dim=1), roi, self.sw_batch_size, predictor, overlap, self.blend_mode,
-            )  # fmt: skip
+        out = sliding_window_inference(  # the extractor decides on gradients (none when frozen)
+            torch.cat([x, noise], dim=1), roi, self.sw_batch_size, predictor, overlap, self.blend_mode,
+        )  # fmt: skip
         return [_plain(f) for f in out][::-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
